@@ -1,0 +1,146 @@
+"""Argument checks shared by every loss, run once at trace time.
+
+Each check raises a ``TypeError`` or ``ValueError`` that names the argument and the
+shapes or values involved, so that a wrong call fails where it is made instead of
+returning a silently broadcast result or a NaN several layers later.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(value) -> bool:
+    """Whether ``value`` is known at trace time (not a JAX tracer)."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def check_floating(name: str, array) -> None:
+    """Raises ``TypeError`` unless ``array`` has a floating dtype."""
+    dtype = jnp.result_type(array)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating dtype, got {dtype} with shape {jnp.shape(array)}; "
+            "cast integer logits explicitly, e.g. `logits.astype(jnp.float32)`."
+        )
+
+
+def check_integer(name: str, array) -> None:
+    """Raises ``TypeError`` unless ``array`` has an integer dtype."""
+    dtype = jnp.result_type(array)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}` must hold integer class indices, got dtype {dtype} with shape "
+            f"{jnp.shape(array)}."
+        )
+
+
+def check_same_shape(names: Sequence[str], arrays: Sequence) -> None:
+    """Raises ``ValueError`` unless all arrays have the same shape."""
+    shapes = [jnp.shape(a) for a in arrays]
+    if any(s != shapes[0] for s in shapes[1:]):
+        described = ", ".join(f"`{n}` {s}" for n, s in zip(names, shapes, strict=True))
+        raise ValueError(f"Shapes must match exactly (no broadcasting): got {described}.")
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """Returns ``axis`` as a non-negative int, or raises ``ValueError``."""
+    if not isinstance(axis, int | np.integer):
+        raise TypeError(f"`{name}` must be a single int, got {axis!r}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"`{name}`={axis} is out of range for an array of rank {ndim}.")
+    return int(axis) % ndim
+
+
+def check_positive_scalar(name: str, value) -> None:
+    """Raises unless ``value`` is a scalar; if concrete, it must be finite and > 0.
+
+    Traced values (for example a schedule evaluated at a traced step) are only
+    checked for shape: their value is unknown at trace time.
+    """
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}.")
+    if is_concrete(value):
+        number = float(value)
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"`{name}` must be a positive finite number, got {number}.")
+
+
+def check_unit_interval(name: str, value, *, open_interval: bool = False) -> None:
+    """Raises unless ``value`` is a scalar; if concrete, it must lie in [0, 1]."""
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}.")
+    if is_concrete(value):
+        number = float(value)
+        if open_interval:
+            ok = 0.0 < number < 1.0
+            interval = "(0, 1)"
+        else:
+            ok = 0.0 <= number <= 1.0
+            interval = "[0, 1]"
+        if not ok:
+            raise ValueError(f"`{name}` must lie in {interval}, got {number}.")
+
+
+def class_mask(where, logits_shape: tuple[int, ...], axis: int):
+    """Turns a ``where`` argument into a boolean mask of the logits' shape.
+
+    Two shapes are accepted, and nothing else is broadcast:
+
+    * the logits' shape: a per-class mask (e.g. padded vocabulary entries);
+    * the logits' shape without ``axis``: a per-example mask (e.g. padded tokens),
+      expanded explicitly along ``axis``.
+
+    Args:
+      where: ``None`` or a boolean array of one of the two shapes above.
+      logits_shape: shape of the logits.
+      axis: non-negative class axis.
+
+    Returns:
+      ``None`` when ``where`` is ``None``, else a bool array of shape ``logits_shape``.
+    """
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"`where` must be a boolean mask, got dtype {where.dtype}.")
+    example_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    if where.shape == tuple(logits_shape):
+        return where
+    if where.shape == example_shape:
+        return jnp.broadcast_to(jnp.expand_dims(where, axis), logits_shape)
+    raise ValueError(
+        f"`where` has shape {where.shape}; expected the logits' shape {tuple(logits_shape)} "
+        f"(a per-class mask) or {example_shape} (a per-example mask)."
+    )
+
+
+def check_labels(labels, logits_shape: tuple[int, ...], axis: int, where=None) -> None:
+    """Checks integer ``labels`` against logits, and their range when concrete.
+
+    Labels of masked-out examples (``where`` False, per-example mask) may hold any
+    padding value.
+    """
+    check_integer("labels", labels)
+    example_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    if jnp.shape(labels) != example_shape:
+        raise ValueError(
+            f"`labels` has shape {jnp.shape(labels)}; expected {example_shape}: the logits' "
+            f"shape {tuple(logits_shape)} without the class axis {axis}."
+        )
+    if not is_concrete(labels) or (where is not None and not is_concrete(where)):
+        return
+    num_classes = logits_shape[axis]
+    values = np.asarray(labels)
+    if where is not None and np.shape(where) == example_shape:
+        values = values[np.asarray(where)]
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(
+            f"`labels` must lie in [0, {num_classes}) for logits with {num_classes} classes "
+            f"along axis {axis}; got values in [{values.min()}, {values.max()}]."
+        )

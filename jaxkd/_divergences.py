@@ -1,0 +1,376 @@
+"""Divergences between the teacher's and the student's softened distributions.
+
+Every function here takes ``(student_logits, teacher_logits, *, temperature=1.0,
+axis=-1, where=None)`` of equal shape ``[..., C, ...]`` and returns one value per
+example: the input shape without ``axis`` (so ``[batch]`` for ``[batch, classes]``
+and ``[batch, time]`` for token logits ``[batch, time, vocab]``). The caller
+reduces, e.g. with :func:`jaxkd.masked_mean`.
+
+Conventions shared by all of them:
+
+* ``p_t = softmax(teacher_logits / T)``, ``p_s = softmax(student_logits / T)``.
+* Each divergence is multiplied by ``T**2`` (Hinton et al., 2015) so that the
+  gradients' magnitude stays comparable as the temperature changes: the gradient of
+  ``T**2 * KL(p_t || p_s)`` with respect to the student logits is ``T * (p_s - p_t)``.
+* ``where`` is a per-class mask of the logits' shape (e.g. padded vocabulary
+  entries, which get probability 0 in both distributions) or a per-example mask of
+  the output's shape (masked examples give 0).
+* ``0 log 0 = 0``: classes to which a distribution gives probability 0 (masked,
+  ``-inf`` logits or underflow) contribute nothing and give finite gradients.
+* Nothing stops gradients into ``teacher_logits``: the train step never
+  differentiates the teacher, and symmetric uses (mutual learning) stay possible.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd import _checks
+from jaxkd._distributions import prepare_logits, scaled_log_softmax
+
+
+def softened_log_probs(student_logits, teacher_logits, temperature, axis, where):
+    """Validates a student/teacher pair; returns ``(log_p_s, log_p_t, mask, axis)``.
+
+    ``mask`` is the full-shape bool mask of classes taking part (or ``None``).
+    """
+    _checks.check_same_shape(["student_logits", "teacher_logits"], [student_logits, teacher_logits])
+    student, mask, axis = prepare_logits("student_logits", student_logits, temperature, axis, where)
+    teacher, _, _ = prepare_logits("teacher_logits", teacher_logits, temperature, axis, where)
+    dtype = jnp.promote_types(student.dtype, teacher.dtype)
+    log_p_s = scaled_log_softmax(student.astype(dtype), axis, mask)
+    log_p_t = scaled_log_softmax(teacher.astype(dtype), axis, mask)
+    return log_p_s, log_p_t, mask, axis
+
+
+def _temperature_squared(temperature, dtype) -> jax.Array:
+    return jnp.square(jnp.asarray(temperature, dtype))
+
+
+def kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    r"""Elementwise :math:`p (\log p - \log q)`, exactly 0 where :math:`p = 0`.
+
+    Inputs where ``log_p`` is ``-inf`` are replaced before the arithmetic so that
+    neither the value nor the gradient sees ``inf - inf``.
+    """
+    present = log_p > -jnp.inf
+    safe_log_p = jnp.where(present, log_p, 0.0)
+    safe_log_q = jnp.where(present, log_q, 0.0)
+    return jnp.where(present, jnp.exp(safe_log_p) * (safe_log_p - safe_log_q), 0.0)
+
+
+def log_mixture(log_p: jax.Array, log_q: jax.Array, weight) -> jax.Array:
+    r""":math:`\log(w\,p + (1 - w)\,q)` computed from log-probabilities.
+
+    Entries where both ``p`` and ``q`` are 0 give ``-inf`` with finite gradients.
+    """
+    support = (log_p > -jnp.inf) | (log_q > -jnp.inf)
+    safe_log_p = jnp.where(support, log_p, 0.0)
+    safe_log_q = jnp.where(support, log_q, 0.0)
+    weight = jnp.asarray(weight, log_p.dtype)
+    mixed = jnp.logaddexp(jnp.log(weight) + safe_log_p, jnp.log1p(-weight) + safe_log_q)
+    return jnp.where(support, mixed, -jnp.inf)
+
+
+def kl_divergence(
+    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+) -> jax.Array:
+    r"""Hinton's soft-target loss: :math:`T^2\,\mathrm{KL}(p_t \,\|\, p_s)`.
+
+    .. math::
+      T^2 \sum_i p_{t,i} \left(\log p_{t,i} - \log p_{s,i}\right)
+
+    At ``temperature=1`` this equals
+    ``optax.losses.kl_divergence_with_log_targets(log_softmax(s), log_softmax(t))``.
+    Its gradient with respect to ``student_logits`` is ``T * (p_s - p_t)``; as ``T``
+    grows it tends to ``mean((s - t)**2) / 2`` for zero-mean logits (logit matching).
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class (logits' shape) or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxkd
+      >>> s = jnp.array([[1.0, 2.0, 3.0]]); t = jnp.array([[3.0, 2.0, 1.0]])
+      >>> jaxkd.kl_divergence(s, t, temperature=2.0).round(4)
+      Array([1.2806], dtype=float32)
+
+    References:
+      Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network",
+      2015. https://arxiv.org/abs/1503.02531
+    """
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    kl = jnp.sum(kl_terms(log_p_t, log_p_s), axis=axis)
+    return _temperature_squared(temperature, kl.dtype) * kl
+
+
+def reverse_kl_divergence(
+    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+) -> jax.Array:
+    r"""Mode-seeking reverse KL: :math:`T^2\,\mathrm{KL}(p_s \,\|\, p_t)`.
+
+    .. math::
+      T^2 \sum_i p_{s,i} \left(\log p_{s,i} - \log p_{t,i}\right)
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Gu, Dong, Wei and Huang, "MiniLLM: Knowledge Distillation of Large Language
+      Models", ICLR 2024. https://arxiv.org/abs/2306.08543
+    """
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    kl = jnp.sum(kl_terms(log_p_s, log_p_t), axis=axis)
+    return _temperature_squared(temperature, kl.dtype) * kl
+
+
+def soft_cross_entropy(
+    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+) -> jax.Array:
+    r"""Soft-target cross entropy: :math:`T^2\,H(p_t, p_s)`.
+
+    .. math::
+      -T^2 \sum_i p_{t,i} \log p_{s,i} = T^2 \left(\mathrm{KL}(p_t \| p_s) + H(p_t)\right)
+
+    Same gradient as :func:`kl_divergence` (the teacher's entropy is constant in the
+    student), but its minimum is ``T**2 * H(p_t)`` rather than 0.
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network",
+      2015. https://arxiv.org/abs/1503.02531
+    """
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    present = log_p_t > -jnp.inf
+    safe_log_p_t = jnp.where(present, log_p_t, 0.0)
+    safe_log_p_s = jnp.where(present, log_p_s, 0.0)
+    cross = -jnp.sum(jnp.where(present, jnp.exp(safe_log_p_t) * safe_log_p_s, 0.0), axis=axis)
+    return _temperature_squared(temperature, cross.dtype) * cross
+
+
+def generalized_jsd(
+    student_logits,
+    teacher_logits,
+    *,
+    beta: float = 0.5,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+) -> jax.Array:
+    r"""Generalized Jensen-Shannon divergence with mixing weight ``beta``.
+
+    For :math:`0 < \beta < 1`, with :math:`m = \beta p_t + (1 - \beta) p_s`:
+
+    .. math::
+      \mathrm{JSD}_\beta = T^2 \left[\beta\,\mathrm{KL}(p_t \| m)
+        + (1 - \beta)\,\mathrm{KL}(p_s \| m)\right]
+
+    ``beta=0.5`` is the symmetric Jensen-Shannon divergence, bounded by
+    ``T**2 * log 2``. As :math:`\beta \to 0`, :math:`\mathrm{JSD}_\beta / \beta`
+    tends to the forward :math:`\mathrm{KL}(p_t \| p_s)`, and as :math:`\beta \to 1`,
+    :math:`\mathrm{JSD}_\beta / (1 - \beta)` tends to the reverse
+    :math:`\mathrm{KL}(p_s \| p_t)`. Following GKD, the endpoints are defined by
+    these limits: ``beta=0`` returns :func:`kl_divergence` and ``beta=1`` returns
+    :func:`reverse_kl_divergence` (both times ``T**2``). The function is therefore
+    not continuous at the endpoints: it interpolates between forward and reverse KL
+    in behaviour, not in value.
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      beta: static float in ``[0, 1]``, the teacher's weight in the mixture.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+      Self-Generated Mistakes" (GKD), ICLR 2024. https://arxiv.org/abs/2306.13649
+    """
+    if not _checks.is_concrete(beta):
+        raise TypeError("`beta` must be a concrete Python float, not a traced value.")
+    _checks.check_unit_interval("beta", beta)
+    beta = float(beta)
+    kwargs = dict(temperature=temperature, axis=axis, where=where)
+    if beta == 0.0:
+        return kl_divergence(student_logits, teacher_logits, **kwargs)
+    if beta == 1.0:
+        return reverse_kl_divergence(student_logits, teacher_logits, **kwargs)
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    log_m = log_mixture(log_p_t, log_p_s, beta)
+    jsd = jnp.sum(
+        beta * kl_terms(log_p_t, log_m) + (1 - beta) * kl_terms(log_p_s, log_m), axis=axis
+    )
+    return _temperature_squared(temperature, jsd.dtype) * jsd
+
+
+def skew_kl_divergence(
+    student_logits,
+    teacher_logits,
+    *,
+    alpha=0.1,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+) -> jax.Array:
+    r"""Skew KL: :math:`T^2\,\mathrm{KL}(p_t \,\|\, \alpha p_t + (1 - \alpha) p_s)`.
+
+    Mixing a little of the teacher into the student's distribution bounds the loss
+    (by :math:`-T^2 \log \alpha`) and smooths its gradients. ``alpha=0`` is
+    :func:`kl_divergence`; ``alpha=1`` is identically 0.
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      alpha: scalar in ``[0, 1]``, the teacher's weight inside the second argument.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Ko, Kim, Chen and Yun, "DistiLLM: Towards Streamlined Distillation for Large
+      Language Models", ICML 2024. https://arxiv.org/abs/2402.03898
+    """
+    _checks.check_unit_interval("alpha", alpha)
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    kl = jnp.sum(kl_terms(log_p_t, log_mixture(log_p_t, log_p_s, alpha)), axis=axis)
+    return _temperature_squared(temperature, kl.dtype) * kl
+
+
+def skew_reverse_kl_divergence(
+    student_logits,
+    teacher_logits,
+    *,
+    alpha=0.1,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+) -> jax.Array:
+    r"""Skew reverse KL: :math:`T^2\,\mathrm{KL}(p_s \,\|\, \alpha p_s + (1 - \alpha) p_t)`.
+
+    ``alpha=0`` is :func:`reverse_kl_divergence`; ``alpha=1`` is identically 0.
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      alpha: scalar in ``[0, 1]``, the student's weight inside the second argument.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Ko, Kim, Chen and Yun, "DistiLLM: Towards Streamlined Distillation for Large
+      Language Models", ICML 2024. https://arxiv.org/abs/2402.03898
+    """
+    _checks.check_unit_interval("alpha", alpha)
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    kl = jnp.sum(kl_terms(log_p_s, log_mixture(log_p_s, log_p_t, alpha)), axis=axis)
+    return _temperature_squared(temperature, kl.dtype) * kl
+
+
+def total_variation(
+    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+) -> jax.Array:
+    r"""Total variation distance, times :math:`T^2` like the other divergences.
+
+    .. math::
+      T^2 \cdot \tfrac12 \sum_i \left| p_{t,i} - p_{s,i} \right|
+
+    Before the :math:`T^2` factor it lies in ``[0, 1]``.
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      temperature: positive scalar ``T``.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Wen, Li, Du and Mou, "f-Divergence Minimization for Sequence-Level Knowledge
+      Distillation", ACL 2023. https://arxiv.org/abs/2307.15190
+    """
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    tvd = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p_t) - jnp.exp(log_p_s)), axis)
+    return _temperature_squared(temperature, tvd.dtype) * tvd
+
+
+def logit_mse(student_logits, teacher_logits, *, axis: int = -1, where=None) -> jax.Array:
+    r"""Mean squared difference of logits over classes (logit matching).
+
+    .. math::
+      \frac{1}{C} \sum_i (z_{s,i} - z_{t,i})^2
+
+    over unmasked classes where both logits are finite. This is twice the high
+    temperature limit of :func:`kl_divergence` for zero-mean logits.
+
+    Args:
+      student_logits: float array ``[..., C]``.
+      teacher_logits: float array, same shape.
+      axis: the class axis.
+      where: optional bool mask, per class or per example.
+
+    Returns:
+      Non-negative array of the logits' shape without ``axis``.
+
+    References:
+      Ba and Caruana, "Do Deep Nets Really Need to be Deep?", NeurIPS 2014.
+      https://arxiv.org/abs/1312.6184
+    """
+    _checks.check_same_shape(["student_logits", "teacher_logits"], [student_logits, teacher_logits])
+    student, mask, axis = prepare_logits("student_logits", student_logits, 1.0, axis, where)
+    teacher, _, _ = prepare_logits("teacher_logits", teacher_logits, 1.0, axis, where)
+    valid = jnp.isfinite(student) & jnp.isfinite(teacher)
+    if mask is not None:
+        valid = valid & mask
+    diff = jnp.where(valid, jnp.where(valid, student, 0.0) - jnp.where(valid, teacher, 0.0), 0.0)
+    count = jnp.maximum(jnp.sum(valid, axis=axis), 1).astype(diff.dtype)
+    return jnp.sum(jnp.square(diff), axis=axis) / count
