@@ -1,0 +1,155 @@
+"""Data-parallel runners for one step body: ``jax.pmap`` and ``jax.shard_map``.
+
+Both take a step built with an ``axis_name`` (see :func:`jaxkd.make_train_step`),
+whose body averages gradients and metrics with ``lax.pmean``. The student state
+and the teacher parameters are replicated; the batch is split along its leading
+axis.
+
+Under ``jax.shard_map`` with ``check_vma=True`` the gradient with respect to a
+replicated input comes back already summed over the data axis (the transpose of
+the implicit broadcast), and the ``pmean`` in the body would then scale the update
+by the number of devices. :func:`shard_step` therefore maps the body with
+``check_vma=False``, which gives it exactly the per-device semantics it has under
+``pmap``; the tests hold the pmap, shard_map and single-device updates equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+
+
+def _check_axis_name(step: Callable, axis_name: str) -> None:
+    step_axis = getattr(step, "axis_name", axis_name)
+    if step_axis != axis_name:
+        raise ValueError(
+            f"The step was built with axis_name={step_axis!r} but is mapped over "
+            f"axis {axis_name!r}: pass the same name to make_train_step."
+        )
+
+
+def data_mesh(devices=None, axis_name: str = "data") -> Mesh:
+    """A one-dimensional mesh over ``devices`` (default: all devices)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def pmap_step(
+    step: Callable, *, axis_name: str = "batch", donate: bool = True, devices=None
+) -> Callable:
+    """Runs ``step(state, teacher_params, batch)`` with ``jax.pmap``.
+
+    Args:
+      step: a step built with ``axis_name`` (train or eval).
+      axis_name: the pmap axis name.
+      donate: donate the (replicated) student state, argument 0.
+      devices: local devices to map over (default: all local devices).
+
+    Returns:
+      A function taking a replicated state (:func:`replicate`), replicated teacher
+      params and a batch shaped ``[local_devices, per_device_batch, ...]``
+      (:func:`split_for_pmap`); its outputs carry the same leading device axis.
+    """
+    _check_axis_name(step, axis_name)
+    return jax.pmap(
+        step, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ()
+    )
+
+
+def shard_step(
+    step: Callable, mesh: Mesh, *, axis_name: str | None = None, donate: bool = True
+) -> Callable:
+    """Runs ``step(state, teacher_params, batch)`` with ``jax.shard_map`` in ``jax.jit``.
+
+    Args:
+      step: a step built with ``axis_name`` (train or eval).
+      mesh: a mesh whose ``axis_name`` axis splits the batch (:func:`data_mesh`).
+      axis_name: the mesh axis; defaults to the mesh's only axis.
+      donate: donate the student state, argument 0.
+
+    Returns:
+      A jitted function of global arrays: state and teacher params replicated
+      (:func:`replicate_on_mesh`), the batch sharded along its leading axis
+      (:func:`shard_batch`). Outputs are replicated.
+    """
+    if axis_name is None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"Name the data axis: the mesh has axes {mesh.axis_names}.")
+        axis_name = mesh.axis_names[0]
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"`axis_name`={axis_name!r} is not an axis of the mesh {mesh.axis_names}.")
+    _check_axis_name(step, axis_name)
+    mapped = jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(), P(axis_name)),
+        out_specs=P(),
+        check_vma=False,
+    )
+    return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+
+
+def replicate(tree: PyTree, devices=None) -> PyTree:
+    """Copies every leaf to each local device, with a leading device axis (pmap)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    sharding = NamedSharding(data_mesh(devices, "devices"), P("devices"))
+
+    def put(leaf):
+        leaf = jnp.asarray(leaf)
+        return jax.device_put(jnp.broadcast_to(leaf, (len(devices), *leaf.shape)), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """The first device's copy of a replicated (pmap) tree."""
+    return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
+def split_for_pmap(batch: Mapping[str, Any], num_devices: int | None = None) -> dict:
+    """Reshapes each ``[B, ...]`` entry to ``[num_devices, B // num_devices, ...]``."""
+    num_devices = jax.local_device_count() if num_devices is None else num_devices
+    split = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.shape[0] % num_devices:
+            raise ValueError(
+                f"Batch entry {key!r} has {value.shape[0]} examples, not divisible by "
+                f"{num_devices} devices."
+            )
+        split[key] = value.reshape(num_devices, value.shape[0] // num_devices, *value.shape[1:])
+    return split
+
+
+def replicate_on_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Places every leaf, whole, on every device of ``mesh`` (for shard_step)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis_name: str | None = None) -> dict:
+    """Global arrays sharded along the leading axis, from this process's batch.
+
+    Each process passes its own slice of the global batch; on one host that is the
+    whole batch. The leading size must divide evenly over the process's devices.
+    """
+    axis_name = mesh.axis_names[0] if axis_name is None else axis_name
+    sharding = NamedSharding(mesh, P(axis_name))
+    local_devices = len(mesh.local_devices)
+    sharded = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.shape[0] % local_devices:
+            raise ValueError(
+                f"Batch entry {key!r} has {value.shape[0]} examples, not divisible by "
+                f"this process's {local_devices} devices."
+            )
+        sharded[key] = jax.make_array_from_process_local_data(sharding, value)
+    return sharded

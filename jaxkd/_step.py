@@ -1,0 +1,299 @@
+"""The distillation train and eval steps: pure functions of (state, teacher, batch).
+
+A student ``apply`` has the signature
+``apply(params, model_state, inputs, *, train, rng) -> (outputs, model_state)``;
+a ``teacher_apply`` has the signature ``teacher_apply(teacher_params, inputs) ->
+outputs`` and runs in inference mode. Outputs are logits ``[B, C]`` or a mapping
+with a ``"logits"`` entry. :mod:`jaxkd._adapters` builds both from Flax linen and
+NNX models.
+
+The same step body runs under plain ``jax.jit`` (``axis_name=None``), under
+``jax.pmap`` and under ``jax.shard_map``: with an ``axis_name`` it averages
+gradients, metrics and floating model state over that axis with ``lax.pmean``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxkd._distributions import entropy
+from jaxkd._divergences import kl_divergence
+from jaxkd._kd_losses import cross_entropy_with_integer_labels, masked_mean
+from jaxkd._metrics import accuracy, top1_agreement
+from jaxkd._objectives import Objective, logits_of
+from jaxkd._state import TrainState
+
+PyTree = Any
+StudentApply = Callable[..., tuple[Any, PyTree]]
+TeacherApply = Callable[[PyTree, Any], Any]
+
+
+def _cast_floating(tree: PyTree, dtype) -> PyTree:
+    """Casts the floating leaves of ``tree`` to ``dtype``; others are kept."""
+
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def _pmean_floating(tree: PyTree, axis_name: str) -> PyTree:
+    """``lax.pmean`` of floating leaves; integer and key leaves are left alone."""
+
+    def mean(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            return jax.lax.pmean(leaf, axis_name)
+        return leaf
+
+    return jax.tree.map(mean, tree)
+
+
+def _check_batch(batch: Mapping, required: tuple[str, ...]) -> None:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"`batch` must be a mapping of arrays, got {type(batch)}.")
+    missing = [key for key in required if key not in batch]
+    if missing:
+        raise KeyError(f"`batch` lacks {missing}; it has {sorted(batch)}.")
+    sizes = {key: jnp.shape(value)[:1] for key, value in batch.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"Batch entries disagree on the leading (batch) dimension: {sizes}.")
+
+
+def teacher_outputs(
+    teacher_apply: TeacherApply | None,
+    teacher_params: PyTree,
+    batch: Mapping,
+    *,
+    input_key: str,
+    teacher_key: str,
+    teacher_dtype=None,
+):
+    """The teacher's outputs for ``batch``, without gradient.
+
+    Online (``teacher_apply`` given): one forward pass, optionally in
+    ``teacher_dtype`` (params and inputs cast; outputs returned in float32).
+    Cached (``teacher_apply`` is None): ``batch[teacher_key]`` if present, else
+    ``None`` (supervised training with no teacher).
+    """
+    if teacher_apply is None:
+        return batch.get(teacher_key)
+    inputs = batch[input_key]
+    if teacher_dtype is not None:
+        teacher_params = _cast_floating(teacher_params, teacher_dtype)
+        inputs = _cast_floating(inputs, teacher_dtype)
+        outputs = _cast_floating(teacher_apply(teacher_params, inputs), jnp.float32)
+    else:
+        outputs = teacher_apply(teacher_params, inputs)
+    return jax.lax.stop_gradient(outputs)
+
+
+def _output_metrics(student_out, teacher_out, mask) -> dict[str, jax.Array]:
+    """Entropies and top-1 agreement, averaged over the (masked) batch."""
+    student_logits = jax.lax.stop_gradient(logits_of(student_out))
+    metrics = {"student_entropy": masked_mean(entropy(student_logits), mask)}
+    if teacher_out is not None:
+        teacher_logits = logits_of(teacher_out)
+        metrics["teacher_entropy"] = masked_mean(entropy(teacher_logits), mask)
+        metrics["agreement"] = masked_mean(top1_agreement(student_logits, teacher_logits), mask)
+    return metrics
+
+
+def make_train_step(
+    student_apply: StudentApply,
+    teacher_apply: TeacherApply | None,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+    input_key: str = "image",
+    teacher_key: str = "teacher_logits",
+    mask_key: str = "mask",
+    teacher_dtype=None,
+) -> Callable[[TrainState, PyTree, Mapping], tuple[TrainState, dict]]:
+    """Builds ``step(state, teacher_params, batch) -> (state, metrics)``.
+
+    Only the student is differentiated: the teacher's outputs are computed outside
+    the differentiated function, under ``stop_gradient``, and ``teacher_params``
+    are neither updated nor returned. The step is pure; jit it (donating the
+    state), or run it data-parallel with :func:`jaxkd.pmap_step` /
+    :func:`jaxkd.shard_step`.
+
+    Args:
+      student_apply: ``apply(params, model_state, inputs, *, train, rng) ->
+        (outputs, model_state)``.
+      teacher_apply: ``teacher_apply(teacher_params, inputs) -> outputs``; or
+        ``None`` to read precomputed teacher logits from ``batch[teacher_key]``
+        (cached teacher), or to train without a teacher when that key is absent.
+      objective: ``objective(student_out, teacher_out, batch, step) ->
+        (loss, metrics)``, e.g. :func:`jaxkd.hinton_objective`.
+      optimizer: any Optax transformation (``optax.MultiSteps`` for gradient
+        accumulation).
+      axis_name: the data-parallel axis to average over, or ``None`` on one device.
+      input_key: batch key of the model inputs ``[B, ...]``.
+      teacher_key: batch key of cached teacher logits ``[B, C]``.
+      mask_key: batch key of an optional bool ``[B]`` mask used by the metrics.
+      teacher_dtype: e.g. ``jnp.bfloat16`` to run the teacher forward in lower
+        precision (its outputs are cast back to float32).
+
+    Returns:
+      The step. Its metrics: the objective's (``loss``, ``kd_loss``, ``ce_loss``,
+      ...), ``student_entropy``, ``teacher_entropy`` and ``agreement`` (top-1 with
+      the teacher) when there is a teacher, ``grad_norm`` and ``param_norm``; all
+      averaged over ``axis_name``.
+    """
+
+    def step(state: TrainState, teacher_params: PyTree, batch: Mapping):
+        _check_batch(batch, (input_key,))
+        teacher_out = teacher_outputs(
+            teacher_apply,
+            teacher_params,
+            batch,
+            input_key=input_key,
+            teacher_key=teacher_key,
+            teacher_dtype=teacher_dtype,
+        )
+        rng, step_rng = jax.random.split(state.rng)
+        if axis_name is not None:
+            step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+
+        def loss_fn(params):
+            student_out, model_state = student_apply(
+                params, state.model_state, batch[input_key], train=True, rng=step_rng
+            )
+            loss, metrics = objective(student_out, teacher_out, batch, state.step)
+            return loss, (metrics, model_state, student_out)
+
+        grads, (metrics, model_state, student_out) = jax.grad(loss_fn, has_aux=True)(state.params)
+        metrics = {**metrics, **_output_metrics(student_out, teacher_out, batch.get(mask_key))}
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            metrics = jax.lax.pmean(metrics, axis_name)
+            model_state = _pmean_floating(model_state, axis_name)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
+            rng=rng,
+        )
+        return new_state, metrics
+
+    step.axis_name = axis_name
+    return step
+
+
+def make_eval_step(
+    student_apply: StudentApply,
+    teacher_apply: TeacherApply | None = None,
+    *,
+    axis_name: str | None = None,
+    temperature: float = 1.0,
+    input_key: str = "image",
+    label_key: str = "label",
+    teacher_key: str = "teacher_logits",
+    mask_key: str = "mask",
+    teacher_dtype=None,
+) -> Callable[[TrainState, PyTree, Mapping], dict]:
+    """Builds ``eval_step(state, teacher_params, batch) -> sums``.
+
+    The step returns sums over the batch's real examples (``batch[mask_key]``, when
+    present, marks padding as False), summed over ``axis_name`` too, so that sums
+    over many batches add up; :func:`summarize_eval` turns them into means.
+
+    Args:
+      student_apply: as in :func:`make_train_step`; called with ``train=False``.
+      teacher_apply: as in :func:`make_train_step`; ``None`` reads
+        ``batch[teacher_key]`` if present, else evaluates the student alone.
+      axis_name: the data-parallel axis to sum over, or ``None``.
+      temperature: temperature of the reported ``T^2 KL(teacher || student)``.
+      input_key: batch key of the inputs.
+      label_key: batch key of the integer labels ``[B]``.
+      teacher_key: batch key of cached teacher logits.
+      mask_key: batch key of an optional bool ``[B]`` mask.
+      teacher_dtype: lower-precision teacher forward, as in the train step.
+
+    Returns:
+      The eval step. Its sums: ``count``, ``correct``, ``cross_entropy``,
+      ``student_entropy``; with a teacher also ``teacher_correct``, ``agreement``,
+      ``kl`` and ``teacher_entropy``.
+    """
+
+    def eval_step(state: TrainState, teacher_params: PyTree, batch: Mapping):
+        _check_batch(batch, (input_key, label_key))
+        student_out, _ = student_apply(
+            state.params, state.model_state, batch[input_key], train=False, rng=None
+        )
+        student_logits = logits_of(student_out)
+        labels = batch[label_key]
+        mask = batch.get(mask_key)
+        weights = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+        def total(values):
+            return jnp.sum(jnp.where(weights > 0, values, 0.0))
+
+        valid = None if mask is None else mask.astype(bool)
+        sums = {
+            "count": jnp.sum(weights),
+            "correct": total(accuracy(student_logits, labels)),
+            "cross_entropy": total(
+                cross_entropy_with_integer_labels(student_logits, labels, where=valid)
+            ),
+            "student_entropy": total(entropy(student_logits)),
+        }
+        teacher_out = teacher_outputs(
+            teacher_apply,
+            teacher_params,
+            batch,
+            input_key=input_key,
+            teacher_key=teacher_key,
+            teacher_dtype=teacher_dtype,
+        )
+        if teacher_out is not None:
+            teacher_logits = logits_of(teacher_out)
+            sums["teacher_correct"] = total(accuracy(teacher_logits, labels))
+            sums["agreement"] = total(top1_agreement(student_logits, teacher_logits))
+            sums["kl"] = total(
+                kl_divergence(student_logits, teacher_logits, temperature=temperature)
+            )
+            sums["teacher_entropy"] = total(entropy(teacher_logits))
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        return sums
+
+    eval_step.axis_name = axis_name
+    return eval_step
+
+
+def summarize_eval(sums: Mapping[str, Any]) -> dict[str, float]:
+    """Means from summed eval metrics (one batch's, or many batches' added up).
+
+    Args:
+      sums: scalar sums from an eval step. Under ``pmap`` every device holds the
+        same (already summed) values: pass ``jaxkd.unreplicate(sums)``.
+
+    Returns:
+      ``count``, ``accuracy``, ``cross_entropy``, ``student_entropy`` and, with a
+      teacher, ``teacher_accuracy``, ``agreement``, ``kl`` and ``teacher_entropy``.
+    """
+    shapes = {key: jnp.shape(value) for key, value in sums.items() if jnp.shape(value) != ()}
+    if shapes:
+        raise ValueError(f"`sums` must hold scalars (unreplicate pmap outputs); got {shapes}.")
+    count = float(sums["count"])
+    if count == 0:
+        raise ValueError("No examples were evaluated (`count` is 0).")
+    names = {"correct": "accuracy", "teacher_correct": "teacher_accuracy"}
+    summary = {"count": count}
+    for key, value in sums.items():
+        if key != "count":
+            summary[names.get(key, key)] = float(value) / count
+    return summary

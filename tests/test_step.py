@@ -1,0 +1,305 @@
+"""The train step: frozen teacher, schedules, cached teacher, accumulation, tracing."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from toy import MLP, batch, init
+
+import jaxkd
+
+TEACHER = MLP(hidden=(64, 64))
+STUDENT = MLP(hidden=(16,))
+
+
+def _setup(optimizer=None, objective=None, teacher_apply="online", **step_kwargs):
+    teacher_variables = init(TEACHER, seed=0)
+    params, model_state = jaxkd.split_linen_variables(init(STUDENT, seed=1))
+    optimizer = optimizer or optax.sgd(0.1)
+    state = jaxkd.TrainState.create(
+        params=params, optimizer=optimizer, model_state=model_state, rng=3
+    )
+    teacher_fn = jaxkd.linen_teacher_apply(TEACHER) if teacher_apply == "online" else None
+    step = jaxkd.make_train_step(
+        jaxkd.linen_apply(STUDENT),
+        teacher_fn,
+        objective or jaxkd.hinton_objective(alpha=0.7, temperature=3.0),
+        optimizer,
+        **step_kwargs,
+    )
+    return state, teacher_variables, step
+
+
+def test_step_matches_a_hand_written_update():
+    state, teacher_variables, step = _setup()
+    data = batch(0)
+    new_state, metrics = jax.jit(step)(state, teacher_variables, data)
+
+    teacher_logits = TEACHER.apply(teacher_variables, data["image"], train=False)
+
+    def loss(params):
+        logits = STUDENT.apply({"params": params}, data["image"], train=True)
+        log_p_s = jax.nn.log_softmax(logits / 3.0)
+        p_t = jax.nn.softmax(teacher_logits / 3.0)
+        kl = jnp.sum(p_t * (jnp.log(p_t) - log_p_s), axis=-1) * 9.0
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), data["label"][:, None], axis=1)
+        return jnp.mean(0.7 * kl + 0.3 * ce[:, 0])
+
+    value, grads = jax.value_and_grad(loss)(state.params)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+    chex.assert_trees_all_close(new_state.params, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    assert int(new_state.step) == 1
+    for key in ("kd_loss", "ce_loss", "student_entropy", "teacher_entropy", "agreement"):
+        assert np.isfinite(metrics[key]), key
+
+
+def test_teacher_params_are_bit_identical_after_training():
+    state, teacher_variables, step = _setup()
+    before = jax.tree.map(np.array, teacher_variables)
+    jitted = jax.jit(step)
+    for k in range(4):
+        state, _ = jitted(state, teacher_variables, batch(k))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, teacher_variables))
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
+def test_teacher_is_not_differentiated_by_flop_count():
+    # A teacher far larger than the student: differentiating it would add about
+    # twice its forward cost, far beyond the 5% allowed here.
+    big_teacher = MLP(hidden=(512, 512))
+    teacher_variables = init(big_teacher, seed=0)
+    params, _ = jaxkd.split_linen_variables(init(STUDENT, seed=1))
+    optimizer = optax.sgd(0.1)
+    state = jaxkd.TrainState.create(params=params, optimizer=optimizer)
+    objective = jaxkd.hinton_objective(alpha=0.5, temperature=2.0)
+    step = jaxkd.make_train_step(
+        jaxkd.linen_apply(STUDENT), jaxkd.linen_teacher_apply(big_teacher), objective, optimizer
+    )
+    data = {k: jnp.asarray(v) for k, v in batch(0, size=64).items()}
+
+    def student_fwd_bwd(params, teacher_logits):
+        def loss(p):
+            return objective(
+                STUDENT.apply({"params": p}, data["image"], train=True), teacher_logits, data, 0
+            )[0]
+
+        return jax.grad(loss)(params)
+
+    teacher_logits = big_teacher.apply(teacher_variables, data["image"], train=False)
+    expected = _flops(student_fwd_bwd, params, teacher_logits) + _flops(
+        lambda v: big_teacher.apply(v, data["image"], train=False), teacher_variables
+    )
+    measured = _flops(step, state, teacher_variables, data)
+    assert measured <= 1.05 * expected, (measured, expected)
+    assert measured >= 0.95 * expected, (measured, expected)
+
+
+def test_step_traces_once_and_donates_the_state():
+    state, teacher_variables, step = _setup()
+    jitted = jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=0)
+    for k in range(5):
+        old_leaf = jax.tree.leaves(state.params)[0]
+        state, _ = jitted(state, teacher_variables, batch(k))
+        assert old_leaf.is_deleted(), "the student state was not donated"
+    assert int(state.step) == 5
+
+
+def test_cached_teacher_gives_the_same_update_as_online_teacher():
+    online_state, teacher_variables, online = _setup()
+    cached_state, _, cached = _setup(teacher_apply=None)
+    data = batch(0)
+    logits = TEACHER.apply(teacher_variables, data["image"], train=False)
+    online_next, online_metrics = jax.jit(online)(online_state, teacher_variables, data)
+    cached_next, cached_metrics = jax.jit(cached)(
+        cached_state, None, {**data, "teacher_logits": logits}
+    )
+    chex.assert_trees_all_close(online_next.params, cached_next.params, rtol=1e-6, atol=0)
+    chex.assert_trees_all_close(online_metrics, cached_metrics, rtol=1e-6)
+
+
+def test_cached_teacher_step_runs_no_teacher_forward():
+    _, teacher_variables, cached = _setup(teacher_apply=None)
+    state, _, _ = _setup()
+    data = batch(0)
+    logits = TEACHER.apply(teacher_variables, data["image"], train=False)
+    jaxpr = jax.make_jaxpr(cached)(state, None, {**data, "teacher_logits": logits})
+    # The teacher's 64-wide layers never appear: no dot_general has a 64-sized dim.
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(64 not in v.aval.shape for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        (0.5, [0.5, 0.5, 0.5, 0.5]),
+        (optax.constant_schedule(0.25), [0.25] * 4),
+        (optax.linear_schedule(1.0, 0.4, transition_steps=3), [1.0, 0.8, 0.6, 0.4]),
+        (optax.exponential_decay(0.8, transition_steps=1, decay_rate=0.5), [0.8, 0.4, 0.2, 0.1]),
+    ],
+    ids=["float", "constant", "linear", "exponential"],
+)
+def test_alpha_and_temperature_follow_optax_schedules(schedule, expected):
+    temperature = optax.linear_schedule(4.0, 1.0, transition_steps=3)
+    state, teacher_variables, step = _setup(
+        objective=jaxkd.hinton_objective(alpha=schedule, temperature=temperature)
+    )
+    jitted = jax.jit(step)
+    alphas, temperatures = [], []
+    for k in range(4):
+        state, metrics = jitted(state, teacher_variables, batch(k))
+        alphas.append(float(metrics["alpha"]))
+        temperatures.append(float(metrics["temperature"]))
+    np.testing.assert_allclose(alphas, expected, rtol=1e-6)
+    np.testing.assert_allclose(temperatures, [4.0, 3.0, 2.0, 1.0], rtol=1e-6)
+
+
+def test_scheduled_alpha_changes_the_update():
+    # The schedule is really used in the loss, not only reported.
+    data = batch(0)
+    results = []
+    for alpha in (0.0, optax.constant_schedule(0.0), 1.0):
+        state, teacher_variables, step = _setup(
+            objective=jaxkd.hinton_objective(alpha=alpha, temperature=2.0)
+        )
+        results.append(jax.jit(step)(state, teacher_variables, data)[0].params)
+    chex.assert_trees_all_close(results[0], results[1])
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_close(results[0], results[2])
+
+
+def test_gradient_accumulation_with_multisteps_equals_one_large_batch():
+    data = batch(0, size=32)
+    halves = [{k: v[:16] for k, v in data.items()}, {k: v[16:] for k, v in data.items()}]
+    big_state, teacher_variables, big_step = _setup(optimizer=optax.sgd(0.1))
+    big_state, _ = jax.jit(big_step)(big_state, teacher_variables, data)
+
+    accumulate = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2)
+    state, _, step = _setup(optimizer=accumulate)
+    jitted = jax.jit(step)
+    start = state.params
+    state, _ = jitted(state, teacher_variables, halves[0])
+    chex.assert_trees_all_equal(state.params, start)  # no update after 1 of 2 micro-steps
+    state, _ = jitted(state, teacher_variables, halves[1])
+    chex.assert_trees_all_close(state.params, big_state.params, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_teacher_forward_is_close_to_float32():
+    state, teacher_variables, step32 = _setup()
+    _, _, step16 = _setup(teacher_dtype=jnp.bfloat16)
+    data = batch(0)
+    _, m32 = jax.jit(step32)(state, teacher_variables, data)
+    _, m16 = jax.jit(step16)(state, teacher_variables, data)
+    assert m16["loss"].dtype == jnp.float32
+    np.testing.assert_allclose(m16["teacher_entropy"], m32["teacher_entropy"], rtol=0.05)
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=0.05)
+
+
+def test_supervised_step_without_teacher():
+    params, model_state = jaxkd.split_linen_variables(init(STUDENT, seed=1))
+    optimizer = optax.adam(1e-2)
+    state = jaxkd.TrainState.create(params=params, optimizer=optimizer, model_state=model_state)
+    step = jax.jit(
+        jaxkd.make_train_step(
+            jaxkd.linen_apply(STUDENT), None, jaxkd.cross_entropy_objective(), optimizer
+        )
+    )
+    data = batch(0, size=64)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, None, data)
+        losses.append(float(metrics["loss"]))
+    assert "agreement" not in metrics
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_distillation_objective_without_teacher_is_a_clear_error():
+    state, _, step = _setup(teacher_apply=None)
+    with pytest.raises(ValueError, match="teacher's outputs"):
+        step(state, None, batch(0))
+
+
+def test_eval_step_sums_and_summary():
+    state, teacher_variables, _ = _setup()
+    eval_step = jax.jit(
+        jaxkd.make_eval_step(jaxkd.linen_apply(STUDENT), jaxkd.linen_teacher_apply(TEACHER))
+    )
+    data = batch(0, size=10)
+    mask = np.arange(10) < 7
+    sums = eval_step(state, teacher_variables, {**data, "mask": mask})
+    summary = jaxkd.summarize_eval(sums)
+    s_logits = STUDENT.apply({"params": state.params}, data["image"][:7], train=False)
+    t_logits = TEACHER.apply(teacher_variables, data["image"][:7], train=False)
+    assert summary["count"] == 7
+    np.testing.assert_allclose(
+        summary["accuracy"], np.mean(np.argmax(s_logits, -1) == data["label"][:7]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        summary["agreement"], np.mean(np.argmax(s_logits, -1) == np.argmax(t_logits, -1))
+    )
+    np.testing.assert_allclose(
+        summary["kl"], np.mean(jaxkd.kl_divergence(s_logits, t_logits)), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="scalars"):
+        jaxkd.summarize_eval({"count": jnp.ones(2), "correct": jnp.ones(2)})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(loss="nope"), ValueError, "Unknown `loss`"),
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-2.0), ValueError, "temperature"),
+        (dict(alpha=0.5, label_key=None), ValueError, "alpha=1.0"),
+        (dict(loss="dkd", alpha=1.0, label_key=None), ValueError, "needs labels"),
+    ],
+)
+def test_objective_rejects_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jaxkd.distillation_objective(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "loss, kwargs",
+    [
+        ("kl", {}),
+        ("reverse_kl", {}),
+        ("soft_cross_entropy", {}),
+        ("jsd", {"beta": 0.5}),
+        ("skew_kl", {"skew_alpha": 0.1}),
+        ("skew_reverse_kl", {"skew_alpha": 0.1}),
+        ("total_variation", {}),
+        ("logit_mse", {}),
+        ("dkd", {"beta": 8.0}),
+        ("dist", {"beta": 2.0, "gamma": 2.0}),
+    ],
+)
+def test_every_distillation_loss_runs_in_the_step(loss, kwargs):
+    objective = jaxkd.distillation_objective(loss, alpha=0.5, temperature=2.0, **kwargs)
+    state, teacher_variables, step = _setup(objective=objective)
+    new_state, metrics = jax.jit(step)(state, teacher_variables, batch(0))
+    chex.assert_tree_all_finite((new_state.params, metrics))
+    assert float(metrics["kd_loss"]) >= 0.0
+
+
+def test_bad_batch_is_a_clear_error():
+    state, teacher_variables, step = _setup()
+    with pytest.raises(KeyError, match="image"):
+        step(state, teacher_variables, {"label": np.zeros(4, np.int32)})
+    with pytest.raises(ValueError, match="leading"):
+        step(
+            state,
+            teacher_variables,
+            {"image": np.zeros((4, 12), np.float32), "label": np.zeros(3, np.int32)},
+        )
