@@ -87,7 +87,9 @@ def nnx_apply(graphdef):
 
     def apply(params, model_state, inputs, *, train: bool, rng=None):
         del rng
-        model = nnx.merge(graphdef, params, model_state)
+        # copy=True: fresh Variables at the current trace level, so that BatchNorm
+        # may update its statistics inside jax.grad.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         if train:
             model.train()
         else:
@@ -106,7 +108,7 @@ def nnx_teacher_apply(graphdef):
     where ``state`` is ``nnx.split(model)[1]`` (or params and rest merged)."""
 
     def teacher_apply(state, inputs):
-        model = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state, copy=True)
         model.eval()
         return model(inputs)
 
