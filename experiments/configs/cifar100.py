@@ -1,0 +1,26 @@
+"""CIFAR-100: resnet56 teacher, resnet20 student (the CRD benchmark pair).
+
+Downloaded and prepared by TFDS on first use (needs network and TensorFlow once):
+
+    python -m experiments.distill --config=experiments/configs/cifar100.py --workdir=DIR
+
+``quick`` shrinks the run to a few steps on tiny batches.
+"""
+
+from __future__ import annotations
+
+from experiments.configs.base import TINY_RUN, finish, image_classification_config
+
+
+def get_config(arg: str | None = None):
+    config = image_classification_config(
+        "cifar100",
+        teacher="resnet56",
+        student="mobilenet_small",
+        steps=60000,
+        batch_size=64,
+        optimizer="sgd",
+        learning_rate=0.05,
+        weight_decay=5e-4,
+    )
+    return finish(config, arg, **TINY_RUN)

@@ -1,0 +1,37 @@
+"""MNIST-1D (Greydanus, 2020): a CNN teacher distilled into a small MLP. Offline.
+
+The README's main experiment:
+
+    python -m experiments.distill --config=experiments/configs/mnist1d.py --workdir=/tmp/kd
+
+``quick`` shrinks the run to seconds (one seed, few steps, fewer samples).
+"""
+
+from __future__ import annotations
+
+from experiments.configs.base import finish, get_base_config
+
+
+def get_config(arg: str | None = None):
+    config = get_base_config()
+    config.dataset = "mnist1d"
+    config.dataset_kwargs = {"num_samples": 12500}  # 10,000 train / 2,500 test
+    config.teacher.model = "mnist1d_cnn"
+    config.teacher.model_kwargs = {}
+    config.teacher.steps = 3000
+    config.student.model = "mlp"
+    config.student.model_kwargs = {"hidden_sizes": (32,)}
+    config.steps = 3000
+    config.batch_size = 128
+    config.eval_every = 500
+    config.checkpoint_every = 500
+    config.log_every = 100
+    quick = dict(
+        dataset_kwargs={"num_samples": 2000},
+        teacher__steps=60,
+        steps=60,
+        eval_every=30,
+        log_every=20,
+        checkpoint_every=30,
+    )
+    return finish(config, arg, **quick)

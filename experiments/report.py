@@ -1,0 +1,138 @@
+"""The results table (markdown and JSON) and training-curve plots of a workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# (column title, result key, format). Mean +- std over seeds where it varies.
+COLUMNS = (
+    ("test accuracy", "accuracy", "{:.4f}"),
+    ("agreement w/ teacher", "agreement", "{:.4f}"),
+    ("KL(teacher ‖ student) at T", "kl", "{:.4f}"),
+    ("student entropy", "student_entropy", "{:.3f}"),
+    ("teacher entropy", "teacher_entropy", "{:.3f}"),
+    ("params", "params", "{:,.0f}"),
+    ("FLOPs/example", "flops_per_example", "{:,.0f}"),
+    ("train time (s)", "train_time_s", "{:.1f}"),
+    ("inference (ex/s)", "throughput", "{:,.0f}"),
+)
+RUN_TITLES = {
+    "teacher": "teacher",
+    "scratch": "student from scratch",
+    "distilled": "distilled student",
+}
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per run kind: mean, std and values over seeds of every numeric column."""
+    summary = {}
+    for kind in RUN_TITLES:
+        rows = [r for r in results if r["run"] == kind]
+        if not rows:
+            continue
+        entry = {"model": rows[0]["model"], "seeds": [r["seed"] for r in rows]}
+        for _, key, _ in COLUMNS:
+            values = np.asarray([r.get(key, np.nan) for r in rows], np.float64)
+            entry[key] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "values": values.tolist(),
+            }
+        summary[kind] = entry
+    return summary
+
+
+def _cell(stats: dict[str, Any], fmt: str) -> str:
+    if np.isnan(stats["mean"]):
+        return "n/a"
+    if len(stats["values"]) > 1 and stats["std"] > 0:
+        return f"{fmt.format(stats['mean'])} ± {fmt.format(stats['std'])}"
+    return fmt.format(stats["mean"])
+
+
+def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per run kind, mean ± std over seeds."""
+    header = ["run", "model", *(title for title, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kind, entry in summary.items():
+        cells = [RUN_TITLES[kind], entry["model"]]
+        cells += [_cell(entry[key], fmt) for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str, seeds: Sequence[int], path: str) -> None:
+    """Train loss and test accuracy against steps for every run and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
+    for kind, color in colors.items():
+        for index, seed in enumerate(seeds):
+            records = _read_jsonl(os.path.join(workdir, f"seed_{seed}", kind, "metrics.jsonl"))
+            train = [r for r in records if r["split"] == "train"]
+            test = [r for r in records if r["split"] == "test"]
+            label = RUN_TITLES[kind] if index == 0 else None
+            if train:
+                loss_ax.plot(
+                    [r["step"] for r in train],
+                    [r["loss"] for r in train],
+                    color=color,
+                    alpha=0.8,
+                    label=label,
+                )
+            if test:
+                acc_ax.plot(
+                    [r["step"] for r in test],
+                    [r["accuracy"] for r in test],
+                    color=color,
+                    alpha=0.8,
+                    marker="o",
+                    label=label,
+                )
+    loss_ax.set(
+        xlabel="step",
+        ylabel="training objective",
+        yscale="log",
+        title="training loss (per run's own objective)",
+    )
+    acc_ax.set(xlabel="step", ylabel="test accuracy", title="test accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: Sequence[dict[str, Any]], config, workdir: str) -> str:
+    """Writes results.md, results.json and training_curves.png; returns the table."""
+    summary = summarize(results)
+    table = markdown_table(summary)
+    seeds = sorted({r["seed"] for r in results})
+    title = (
+        f"{config.dataset}: {config.distill.loss} distillation, "
+        f"T={config.distill.temperature}, alpha={config.distill.alpha}, "
+        f"{config.steps} student steps, seeds {seeds}"
+    )
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(f"# {title}\n\n{table}\n")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"title": title, "summary": summary, "runs": list(results)}, f, indent=2)
+    plot_curves(workdir, seeds, os.path.join(workdir, "training_curves.png"))
+    return f"{title}\n\n{table}"
