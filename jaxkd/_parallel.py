@@ -130,8 +130,19 @@ def split_for_pmap(batch: Mapping[str, Any], num_devices: int | None = None) -> 
 
 
 def replicate_on_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every leaf, whole, on every device of ``mesh`` (for shard_step)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Places every leaf, whole, on every device of ``mesh`` (for shard_step).
+
+    Works on one host and across processes: each process passes the same values.
+    """
+    sharding = NamedSharding(mesh, P())
+
+    def put(leaf):
+        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+            data = put(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(put, tree)
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis_name: str | None = None) -> dict:

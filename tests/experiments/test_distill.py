@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from subprocess_runs import REPO
 
 from experiments import train
 from experiments.configs import cifar10, cifar100, digits, fashion_mnist, mnist, mnist1d
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -128,77 +122,3 @@ def test_real_dataset_config_one_step_under_mock_data(tmp_path, module):
         results = train.train_and_evaluate(config, str(tmp_path))
     assert [r["run"] for r in results] == ["teacher", "scratch", "distilled"]
     assert all(np.isfinite(r["cross_entropy"]) for r in results)
-
-
-# Resume: kill a run mid-way, restart it, compare with an uninterrupted run. ---------
-
-
-def _command(workdir, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "experiments.distill",
-        "--config=experiments/configs/digits.py:quick",
-        "--config.steps=30",
-        "--config.teacher.steps=30",
-        "--config.checkpoint_every=5",
-        "--config.eval_every=15",
-        "--config.log_every=5",
-        f"--workdir={workdir}",
-        *extra,
-    ]
-
-
-def _env(devices=1, data_dir=None):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    if data_dir:
-        env["TFDS_DATA_DIR"] = data_dir
-    return env
-
-
-def _final_params(workdir, run):
-    directory = os.path.join(workdir, "seed_0", run, "checkpoints")
-    manager = ocp.CheckpointManager(directory)
-    restored = manager.restore(
-        manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
-    manager.close()
-    return restored["state"]["params"]
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_params(tmp_path, data_dir):
-    env = _env(data_dir=data_dir)
-    reference = tmp_path / "reference"
-    subprocess.run(_command(reference), cwd=REPO, env=env, check=True, timeout=300,
-                   capture_output=True)
-
-    interrupted = tmp_path / "interrupted"
-    marker = interrupted / "seed_0" / "distilled" / "checkpoints" / "10"
-    process = subprocess.Popen(_command(interrupted), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, "the run finished before it could be interrupted"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (interrupted / "seed_0" / "distilled" / "result.json").exists()
-
-    completed = subprocess.run(_command(interrupted), cwd=REPO, env=env, timeout=300,
-                               capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    for run in ("teacher", "scratch", "distilled"):
-        jax.tree.map(np.testing.assert_array_equal,
-                     _final_params(reference, run), _final_params(interrupted, run))
-    # The metrics log has each step once, as if nothing had happened.
-    lines = (interrupted / "seed_0" / "distilled" / "metrics.jsonl").read_text().splitlines()
-    reference_lines = (reference / "seed_0" / "distilled" / "metrics.jsonl").read_text()
-    steps = [(json.loads(line)["split"], json.loads(line)["step"]) for line in lines]
-    assert steps == [
-        (json.loads(line)["split"], json.loads(line)["step"])
-        for line in reference_lines.splitlines()
-    ]
