@@ -168,7 +168,10 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
                     f"Pass either num_samples or config, not both: "
                     f"num_samples={num_samples!r}, config={config!r}."
                 )
-            kwargs["config"] = mnist1d_config(num_samples)
+            requested = mnist1d_config(num_samples)
+            # A registered config (the default count) must be asked for by name.
+            registered = requested.name in self.builder_configs
+            kwargs["config"] = requested.name if registered else requested
         elif isinstance(config, str) and config not in self.builder_configs:
             kwargs["config"] = _config_from_name(config)
         super().__init__(**kwargs)

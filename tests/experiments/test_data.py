@@ -129,6 +129,9 @@ def test_mnist1d_config_from_name_or_num_samples(data_dir):
     assert (
         data.Mnist1d(data_dir=os.fspath(data_dir)).builder_config.num_samples == 12_500
     )  # 10000 train / 2500 test.
+    # Asking for the default count by number selects the registered config.
+    default = data.Mnist1d(num_samples=12_500, data_dir=os.fspath(data_dir))
+    assert default.builder_config is data.Mnist1d.builder_configs["n12500"]
     with pytest.raises(ValueError, match="mnist1d config 'large'"):
         data.Mnist1d(config="large")
     with pytest.raises(ValueError, match="either num_samples or config"):
