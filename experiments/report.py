@@ -47,7 +47,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def _cell(stats: dict[str, Any], fmt: str) -> str:
+def format_mean_std(stats: dict[str, Any], fmt: str = "{:.4f}") -> str:
+    """``mean ± std`` of a summarized column; the mean alone for one seed or no spread."""
     if np.isnan(stats["mean"]):
         return "n/a"
     if len(stats["values"]) > 1 and stats["std"] > 0:
@@ -61,7 +62,7 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, entry in summary.items():
         cells = [RUN_TITLES[kind], entry["model"]]
-        cells += [_cell(entry[key], fmt) for _, key, fmt in COLUMNS]
+        cells += [format_mean_std(entry[key], fmt) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -210,16 +210,19 @@ class Experiment:
             self._train_steps[key] = (optimizer, jaxkd.shard_step(step, self.mesh))
         return self._train_steps[key]
 
-    def eval_step(self, model, teacher_apply) -> Callable:
-        """The (compiled once, then reused) eval step of ``model`` against a teacher."""
-        key = (model, teacher_apply)
+    def eval_step(self, model, teacher_apply, temperature: float) -> Callable:
+        """The (compiled once, then reused) eval step of ``model`` against a teacher.
+
+        ``temperature`` is that of the reported ``T^2 KL(teacher || student)``.
+        """
+        key = (model, teacher_apply, float(temperature))
         if key not in self._eval_steps:
             self._eval_steps[key] = jaxkd.shard_step(
                 jaxkd.make_eval_step(
                     jaxkd.linen_apply(model),
                     teacher_apply,
                     axis_name="data",
-                    temperature=self.config.distill.temperature,
+                    temperature=temperature,
                 ),
                 self.mesh,
                 donate=False,
@@ -246,6 +249,8 @@ class Experiment:
         steps: int,
         learning_rate: float,
         teacher: tuple[Any, Any] | None = None,
+        rundir: str | None = None,
+        eval_temperature: float | None = None,
     ) -> tuple[dict[str, Any], jaxkd.TrainState]:
         """Trains one model to ``steps``, resuming from its last checkpoint.
 
@@ -257,12 +262,15 @@ class Experiment:
           steps: number of optimizer steps.
           learning_rate: peak learning rate.
           teacher: ``(teacher_apply, teacher_variables)`` for distillation, or None.
+          rundir: the run's directory; default ``WORKDIR/seed_<seed>/<kind>``.
+          eval_temperature: temperature of the reported KL; default the config's.
 
         Returns:
           ``(result, state)``: the final result record and TrainState.
         """
         config = self.config
-        rundir = os.path.join(self.workdir, f"seed_{seed}", kind)
+        rundir = rundir or os.path.join(self.workdir, f"seed_{seed}", kind)
+        result_path = os.path.join(rundir, "result.json")
         os.makedirs(rundir, exist_ok=True)
         metrics_path = os.path.join(rundir, "metrics.jsonl")
         apply = jaxkd.linen_apply(model)
@@ -280,7 +288,9 @@ class Experiment:
         state = jaxkd.replicate_on_mesh(state, self.mesh)
         if teacher_variables is not None:
             teacher_variables = jaxkd.replicate_on_mesh(teacher_variables, self.mesh)
-        eval_step = self.eval_step(model, teacher_apply)
+        if eval_temperature is None:
+            eval_temperature = config.distill.temperature
+        eval_step = self.eval_step(model, teacher_apply, eval_temperature)
 
         checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
         loader = self.loader(seed)
@@ -291,6 +301,9 @@ class Experiment:
             loader.set_state(extra["loader"])
             elapsed = extra["elapsed"]
         start_step = int(jax.device_get(state.step))
+        if start_step == steps and os.path.exists(result_path):
+            with open(result_path) as f:  # finished earlier: nothing to train or measure
+                return json.load(f), state
         if self.is_chief:
             _truncate_jsonl(metrics_path, start_step)
 
@@ -352,7 +365,7 @@ class Experiment:
             **final,
         }
         if self.is_chief:
-            with open(os.path.join(rundir, "result.json"), "w") as f:
+            with open(result_path, "w") as f:
                 json.dump(result, f, indent=2)
         return result, state
 

@@ -1,0 +1,156 @@
+"""The temperature/alpha sweep: a 2x2 grid sharing one teacher, random draws, bad values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import sweep
+from experiments.configs import digits
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GRID = dict(mode="grid", temperatures=[1.0, 4.0], alphas=[0.5, 0.9])
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    config = digits.get_config("quick")
+    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.steps = config.teacher.steps = config.eval_every = config.checkpoint_every = 10
+    return config
+
+
+@pytest.fixture(scope="module")
+def grid(config, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sweep")
+    return workdir, sweep.run_sweep(config, str(workdir), **GRID)
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _final_params(rundir):
+    manager = ocp.CheckpointManager(str(rundir / "checkpoints"))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    params = manager.restore(manager.latest_step(), args=args)["state"]["params"]
+    manager.close()
+    return params
+
+
+def test_grid_writes_table_json_and_heatmap(grid):
+    workdir, trials = grid
+    pairs = [(1.0, 0.5), (1.0, 0.9), (4.0, 0.5), (4.0, 0.9)]
+    assert [(t["temperature"], t["alpha"]) for t in trials] == pairs
+    for name in ("sweep.md", "sweep.json", "sweep_heatmap.png", "config.json"):
+        assert (workdir / name).exists(), name
+    table = (workdir / "sweep.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(pairs) + 2  # header, rule, trials, scratch, teacher
+    assert "student from scratch" in table and "| teacher |" in table
+    saved = json.loads((workdir / "sweep.json").read_text())
+    assert [t["accuracy"]["mean"] for t in saved["trials"]] == [
+        t["accuracy"]["mean"] for t in trials
+    ]
+    assert 0.0 <= saved["reference"]["teacher"]["accuracy"]["mean"] <= 1.0
+    assert all(0.0 <= t["agreement"]["mean"] <= 1.0 for t in trials)
+
+
+def test_teacher_and_scratch_are_trained_once_for_all_trials(grid):
+    workdir, _ = grid
+    for kind in ("teacher", "scratch"):
+        assert sorted(workdir.glob(f"**/{kind}")) == [workdir / "seed_0" / kind]
+        assert os.listdir(workdir / "seed_0" / kind / "checkpoints") == ["10"]
+        records = _read_jsonl(workdir / "seed_0" / kind / "metrics.jsonl")
+        assert [r["step"] for r in records if r["split"] == "train"] == [10]
+    assert len(list(workdir.glob("trial_*/seed_0/distilled/result.json"))) == 4
+
+
+def test_each_trial_trains_with_its_own_temperature_and_alpha(grid):
+    workdir, trials = grid
+    for trial in trials:
+        rundir = workdir / f"trial_{trial['trial']}" / "seed_0" / "distilled"
+        record = _read_jsonl(rundir / "metrics.jsonl")[0]
+        assert record["temperature"] == pytest.approx(trial["temperature"])
+        assert record["alpha"] == pytest.approx(trial["alpha"])
+    cold, hot = (_final_params(workdir / f"trial_{k}" / "seed_0" / "distilled") for k in (1, 3))
+    differences = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), cold, hot))
+    assert max(differences) > 1e-4
+
+
+def test_rerun_skips_finished_trials_and_finishes_the_others(grid, config):
+    workdir, trials = grid
+    finished = (workdir / "trial_0" / "result.json").stat().st_mtime_ns
+    (workdir / "trial_3" / "result.json").unlink()  # as if stopped before its summary
+    again = sweep.run_sweep(config, str(workdir), **GRID)
+    assert (workdir / "trial_0" / "result.json").stat().st_mtime_ns == finished
+    assert [t["accuracy"] for t in again] == [t["accuracy"] for t in trials]
+    records = _read_jsonl(workdir / "trial_3" / "seed_0" / "distilled" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [10]
+    with pytest.raises(ValueError, match="trial_0 holds temperature=1.0, alpha=0.5"):
+        sweep.run_sweep(config, str(workdir), **{**GRID, "temperatures": [2.0]})
+
+
+def test_random_draws_are_deterministic_and_within_bounds(tmp_path):
+    draw = dict(mode="random", temperatures=[1, 2, 16], alphas=[0.9, 0.2], num_trials=50)
+    points = sweep.sweep_points(**draw, sweep_seed=3)
+    assert points == sweep.sweep_points(**draw, sweep_seed=3)
+    assert points != sweep.sweep_points(**draw, sweep_seed=4)
+    assert points[:5] == sweep.sweep_points(**{**draw, "num_trials": 5}, sweep_seed=3)
+    temperatures, alphas = np.asarray(points).T
+    assert np.all((1 <= temperatures) & (temperatures <= 16) & (0.2 <= alphas) & (alphas <= 0.9))
+    assert np.mean(temperatures < 4) > 0.3  # log-uniform: half below sqrt(1 * 16)
+    trials = [{"temperature": t, "alpha": a, "accuracy": {"mean": a / t}} for t, a in points]
+    sweep.plot_sweep(trials, "random", str(tmp_path / "scatter.png"))
+    assert (tmp_path / "scatter.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (
+            dict(temperatures=[0.0, 2.0]),
+            r"temperatures=\[0.0, 2.0\]: every temperature must be > 0",
+        ),
+        (dict(temperatures=[-1.0]), "every temperature must be > 0"),
+        (dict(alphas=[0.5, 1.5]), r"alphas=\[0.5, 1.5\]: every alpha must lie in \[0, 1\]"),
+        (dict(alphas=[-0.1]), r"every alpha must lie in \[0, 1\]"),
+        (dict(temperatures=[]), "temperatures is empty"),
+        (dict(alphas=[]), "alphas is empty"),
+        (dict(mode="bayes"), "mode='bayes' is unknown"),
+        (dict(mode="random", num_trials=0), "num_trials=0 must be >= 1"),
+        (dict(mode="random"), "num_trials=None must be >= 1"),
+        (dict(num_trials=3), "num_trials=3 applies to mode='random' only"),
+    ],
+)
+def test_bad_sweep_values_stop_before_training(tmp_path, config, changes, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.run_sweep(config, str(tmp_path / "run"), **{**GRID, **changes})
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_sweep_value_from_the_command_line_exits_with_a_message(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.sweep",
+            "--config=experiments/configs/digits.py:quick",
+            f"--workdir={tmp_path / 'run'}",
+            "--alphas=0.5,2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "alphas=[0.5, 2.0]" in completed.stderr
+    assert not (tmp_path / "run").exists()
