@@ -124,7 +124,8 @@ def check_labels(labels, logits_shape: tuple[int, ...], axis: int, where=None) -
     """Checks integer ``labels`` against logits, and their range when concrete.
 
     Labels of masked-out examples (``where`` False, per-example mask) may hold any
-    padding value.
+    padding value; with a per-class mask, a label must not name a masked class
+    (rows with every class masked count as masked examples).
     """
     check_integer("labels", labels)
     example_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
@@ -137,10 +138,22 @@ def check_labels(labels, logits_shape: tuple[int, ...], axis: int, where=None) -
         return
     num_classes = logits_shape[axis]
     values = np.asarray(labels)
+    kept_classes = None
     if where is not None and np.shape(where) == example_shape:
         values = values[np.asarray(where)]
+    elif where is not None:
+        kept_classes = np.moveaxis(np.asarray(where), axis, -1)
+        kept_examples = kept_classes.any(axis=-1)
+        values, kept_classes = values[kept_examples], kept_classes[kept_examples]
     if values.size and (values.min() < 0 or values.max() >= num_classes):
         raise ValueError(
             f"`labels` must lie in [0, {num_classes}) for logits with {num_classes} classes "
             f"along axis {axis}; got values in [{values.min()}, {values.max()}]."
         )
+    if kept_classes is not None and values.size:
+        on_masked = ~np.take_along_axis(kept_classes, values[:, None], axis=-1)[:, 0]
+        if on_masked.any():
+            raise ValueError(
+                f"`labels` name classes that `where` masks out: labels "
+                f"{values[on_masked].tolist()} of examples that keep other classes."
+            )

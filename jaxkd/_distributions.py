@@ -21,12 +21,21 @@ def _as_compute_dtype(logits: jax.Array) -> jax.Array:
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
+def _max_and_log_total(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """``(m, log(sum(exp(x - m))))`` along ``axis``, with keepdims.
+
+    ``m`` is the row's finite maximum (0 for a row without finite entries), held
+    constant for the gradient; the log-total of an empty row is ``-inf``.
+    """
+    x_max = jnp.max(x, axis=axis, keepdims=True)
+    x_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(x_max), x_max, 0.0))
+    total = jnp.sum(jnp.exp(x - x_max), axis=axis, keepdims=True)
+    log_total = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return x_max, log_total
+
+
 def masked_logsumexp(x: jax.Array, axis: int, mask=None, keepdims: bool = False):
     """``log(sum(exp(x)))`` over unmasked entries, ``-inf`` (not NaN) when empty.
-
-    The maximum is taken over unmasked finite entries and held constant for the
-    gradient, so the value and its gradient stay finite for rows that are all
-    ``-inf`` or all masked.
 
     Args:
       x: float array.
@@ -39,17 +48,17 @@ def masked_logsumexp(x: jax.Array, axis: int, mask=None, keepdims: bool = False)
     """
     if mask is not None:
         x = jnp.where(mask, x, -jnp.inf)
-    x_max = jnp.max(x, axis=axis, keepdims=True)
-    x_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(x_max), x_max, 0.0))
-    total = jnp.sum(jnp.exp(x - x_max), axis=axis, keepdims=True)
-    result = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + x_max, -jnp.inf)
+    x_max, log_total = _max_and_log_total(x, axis)
+    result = log_total + x_max
     return result if keepdims else jnp.squeeze(result, axis)
 
 
 def scaled_log_softmax(scaled_logits: jax.Array, axis: int, mask) -> jax.Array:
     """Log-softmax of already scaled logits with an optional full-shape mask.
 
-    Masked entries and entries of an all-masked row are ``-inf``, without NaN.
+    Computed as ``(x - max) - log(sum(exp(x - max)))``, which keeps float32
+    precision for large logits. Masked entries and entries of an all-masked row
+    are ``-inf``, without NaN.
 
     Args:
       scaled_logits: float array ``[..., C, ...]`` (logits / temperature).
@@ -60,8 +69,8 @@ def scaled_log_softmax(scaled_logits: jax.Array, axis: int, mask) -> jax.Array:
       Log-probabilities, same shape and dtype as ``scaled_logits``.
     """
     x = scaled_logits if mask is None else jnp.where(mask, scaled_logits, -jnp.inf)
-    log_total = masked_logsumexp(x, axis, keepdims=True)
-    return x - jnp.where(jnp.isfinite(log_total), log_total, 0.0)
+    x_max, log_total = _max_and_log_total(x, axis)
+    return (x - x_max) - jnp.where(jnp.isfinite(log_total), log_total, 0.0)
 
 
 def prepare_logits(name: str, logits, temperature, axis: int, where):

@@ -187,8 +187,15 @@ def dkd_loss(
 
 def _pearson_distance_centered(x: jax.Array, y: jax.Array, axis: int, eps: float):
     """``1 - cosine(x, y)`` along ``axis`` for already centred ``x`` and ``y``."""
-    norms = jnp.linalg.norm(x, axis=axis) * jnp.linalg.norm(y, axis=axis)
+    norms = _safe_norm(x, axis) * _safe_norm(y, axis)
     return 1.0 - jnp.sum(x * y, axis=axis) / (norms + eps)
+
+
+def _safe_norm(x: jax.Array, axis: int) -> jax.Array:
+    """Euclidean norm whose gradient is 0, not NaN, at the zero vector."""
+    squares = jnp.sum(jnp.square(x), axis=axis)
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
 
 
 def _pearson_distance(x: jax.Array, y: jax.Array, axis: int, eps: float) -> jax.Array:
@@ -226,7 +233,8 @@ def dist_loss(
       beta: weight of the inter-class (per-example) term.
       gamma: weight of the intra-class (per-class, across the batch) term.
       temperature: positive scalar ``T``.
-      where: optional bool ``[B]`` mask of examples taking part.
+      where: optional bool ``[B]`` mask of examples taking part; with none kept
+        the loss is 0.
       eps: added to the product of norms in the correlation.
 
     Returns:
@@ -239,6 +247,8 @@ def dist_loss(
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if jnp.ndim(logits) != 2:
             raise ValueError(f"`{name}` must be [batch, classes], got shape {jnp.shape(logits)}.")
+    if where is not None and jnp.result_type(where) != jnp.bool_:
+        raise TypeError(f"`where` must be a boolean mask, got dtype {jnp.result_type(where)}.")
     if where is not None and jnp.shape(where) != jnp.shape(student_logits)[:1]:
         raise ValueError(
             f"`where` must be a per-example mask of shape {jnp.shape(student_logits)[:1]}, "
@@ -260,4 +270,5 @@ def dist_loss(
     y = (y_t - jnp.sum(y_t * weights, axis=0, keepdims=True) / count) * weights
     intra = _pearson_distance_centered(x, y, axis=0, eps=eps)
     temperature_squared = jnp.square(jnp.asarray(temperature, inter.dtype))
-    return temperature_squared * (beta * inter_mean + gamma * jnp.mean(intra))
+    loss = temperature_squared * (beta * inter_mean + gamma * jnp.mean(intra))
+    return jnp.where(jnp.any(kept), loss, 0.0)  # nothing kept: 0, like masked_mean
