@@ -44,8 +44,17 @@ def softened_log_probs(student_logits, teacher_logits, temperature, axis, where)
     return log_p_s, log_p_t, mask, axis
 
 
-def _temperature_squared(temperature, dtype) -> jax.Array:
-    return jnp.square(jnp.asarray(temperature, dtype))
+def _tempered_divergence(student_logits, teacher_logits, temperature, axis, where, terms):
+    """``T^2 * sum_classes terms(log_p_s, log_p_t)``: the frame of every divergence here.
+
+    Args:
+      terms: elementwise function of the two log-probability arrays.
+    """
+    log_p_s, log_p_t, _, axis = softened_log_probs(
+        student_logits, teacher_logits, temperature, axis, where
+    )
+    value = jnp.sum(terms(log_p_s, log_p_t), axis=axis)
+    return jnp.square(jnp.asarray(temperature, value.dtype)) * value
 
 
 def kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -106,11 +115,9 @@ def kl_divergence(
       Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network",
       2015. https://arxiv.org/abs/1503.02531
     """
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
+    return _tempered_divergence(
+        student_logits, teacher_logits, temperature, axis, where, lambda s, t: kl_terms(t, s)
     )
-    kl = jnp.sum(kl_terms(log_p_t, log_p_s), axis=axis)
-    return _temperature_squared(temperature, kl.dtype) * kl
 
 
 def reverse_kl_divergence(
@@ -135,11 +142,7 @@ def reverse_kl_divergence(
       Gu, Dong, Wei and Huang, "MiniLLM: Knowledge Distillation of Large Language
       Models", ICLR 2024. https://arxiv.org/abs/2306.08543
     """
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
-    )
-    kl = jnp.sum(kl_terms(log_p_s, log_p_t), axis=axis)
-    return _temperature_squared(temperature, kl.dtype) * kl
+    return _tempered_divergence(student_logits, teacher_logits, temperature, axis, where, kl_terms)
 
 
 def soft_cross_entropy(
@@ -167,14 +170,14 @@ def soft_cross_entropy(
       Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network",
       2015. https://arxiv.org/abs/1503.02531
     """
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
-    )
-    present = log_p_t > -jnp.inf
-    safe_log_p_t = jnp.where(present, log_p_t, 0.0)
-    safe_log_p_s = jnp.where(present, log_p_s, 0.0)
-    cross = -jnp.sum(jnp.where(present, jnp.exp(safe_log_p_t) * safe_log_p_s, 0.0), axis=axis)
-    return _temperature_squared(temperature, cross.dtype) * cross
+
+    def terms(log_p_s, log_p_t):
+        present = log_p_t > -jnp.inf
+        safe_log_p_t = jnp.where(present, log_p_t, 0.0)
+        safe_log_p_s = jnp.where(present, log_p_s, 0.0)
+        return jnp.where(present, -jnp.exp(safe_log_p_t) * safe_log_p_s, 0.0)
+
+    return _tempered_divergence(student_logits, teacher_logits, temperature, axis, where, terms)
 
 
 def generalized_jsd(
@@ -228,14 +231,12 @@ def generalized_jsd(
         return kl_divergence(student_logits, teacher_logits, **kwargs)
     if beta == 1.0:
         return reverse_kl_divergence(student_logits, teacher_logits, **kwargs)
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
-    )
-    log_m = log_mixture(log_p_t, log_p_s, beta)
-    jsd = jnp.sum(
-        beta * kl_terms(log_p_t, log_m) + (1 - beta) * kl_terms(log_p_s, log_m), axis=axis
-    )
-    return _temperature_squared(temperature, jsd.dtype) * jsd
+
+    def terms(log_p_s, log_p_t):
+        log_m = log_mixture(log_p_t, log_p_s, beta)
+        return beta * kl_terms(log_p_t, log_m) + (1 - beta) * kl_terms(log_p_s, log_m)
+
+    return _tempered_divergence(student_logits, teacher_logits, temperature, axis, where, terms)
 
 
 def skew_kl_divergence(
@@ -269,11 +270,14 @@ def skew_kl_divergence(
       Language Models", ICML 2024. https://arxiv.org/abs/2402.03898
     """
     _checks.check_unit_interval("alpha", alpha)
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
+    return _tempered_divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        lambda s, t: kl_terms(t, log_mixture(t, s, alpha)),
     )
-    kl = jnp.sum(kl_terms(log_p_t, log_mixture(log_p_t, log_p_s, alpha)), axis=axis)
-    return _temperature_squared(temperature, kl.dtype) * kl
 
 
 def skew_reverse_kl_divergence(
@@ -305,11 +309,14 @@ def skew_reverse_kl_divergence(
       Language Models", ICML 2024. https://arxiv.org/abs/2402.03898
     """
     _checks.check_unit_interval("alpha", alpha)
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
+    return _tempered_divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        lambda s, t: kl_terms(s, log_mixture(s, t, alpha)),
     )
-    kl = jnp.sum(kl_terms(log_p_s, log_mixture(log_p_s, log_p_t, alpha)), axis=axis)
-    return _temperature_squared(temperature, kl.dtype) * kl
 
 
 def total_variation(
@@ -336,11 +343,14 @@ def total_variation(
       Wen, Li, Du and Mou, "f-Divergence Minimization for Sequence-Level Knowledge
       Distillation", ACL 2023. https://arxiv.org/abs/2307.15190
     """
-    log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
+    return _tempered_divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        lambda s, t: 0.5 * jnp.abs(jnp.exp(t) - jnp.exp(s)),
     )
-    tvd = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p_t) - jnp.exp(log_p_s)), axis)
-    return _temperature_squared(temperature, tvd.dtype) * tvd
 
 
 def logit_mse(student_logits, teacher_logits, *, axis: int = -1, where=None) -> jax.Array:

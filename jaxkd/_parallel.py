@@ -97,6 +97,15 @@ def shard_step(
     return jax.jit(mapped, donate_argnums=(0,) if donate else ())
 
 
+def _check_divisible(batch: Mapping[str, Any], parts: int, what: str) -> None:
+    for key, value in batch.items():
+        size = np.shape(value)[0]
+        if size % parts:
+            raise ValueError(
+                f"Batch entry {key!r} has {size} examples, not divisible by {parts} {what}."
+            )
+
+
 def replicate(tree: PyTree, devices=None) -> PyTree:
     """Copies every leaf to each local device, with a leading device axis (pmap)."""
     devices = jax.local_devices() if devices is None else list(devices)
@@ -117,16 +126,11 @@ def unreplicate(tree: PyTree) -> PyTree:
 def split_for_pmap(batch: Mapping[str, Any], num_devices: int | None = None) -> dict:
     """Reshapes each ``[B, ...]`` entry to ``[num_devices, B // num_devices, ...]``."""
     num_devices = jax.local_device_count() if num_devices is None else num_devices
-    split = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.shape[0] % num_devices:
-            raise ValueError(
-                f"Batch entry {key!r} has {value.shape[0]} examples, not divisible by "
-                f"{num_devices} devices."
-            )
-        split[key] = value.reshape(num_devices, value.shape[0] // num_devices, *value.shape[1:])
-    return split
+    _check_divisible(batch, num_devices, "devices")
+    return {
+        key: np.reshape(value, (num_devices, -1, *np.shape(value)[1:]))
+        for key, value in batch.items()
+    }
 
 
 def replicate_on_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -153,14 +157,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis_name: str | None = No
     """
     axis_name = mesh.axis_names[0] if axis_name is None else axis_name
     sharding = NamedSharding(mesh, P(axis_name))
-    local_devices = len(mesh.local_devices)
-    sharded = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.shape[0] % local_devices:
-            raise ValueError(
-                f"Batch entry {key!r} has {value.shape[0]} examples, not divisible by "
-                f"this process's {local_devices} devices."
-            )
-        sharded[key] = jax.make_array_from_process_local_data(sharding, value)
-    return sharded
+    _check_divisible(batch, len(mesh.local_devices), "devices of this process")
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+    }
