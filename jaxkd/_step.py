@@ -115,6 +115,7 @@ def make_train_step(
     teacher_key: str = "teacher_logits",
     mask_key: str = "mask",
     teacher_dtype=None,
+    extra_metrics: bool = True,
 ) -> Callable[[TrainState, PyTree, Mapping], tuple[TrainState, dict]]:
     """Builds ``step(state, teacher_params, batch) -> (state, metrics)``.
 
@@ -140,12 +141,15 @@ def make_train_step(
       mask_key: batch key of an optional bool ``[B]`` mask used by the metrics.
       teacher_dtype: e.g. ``jnp.bfloat16`` to run the teacher forward in lower
         precision (its outputs are cast back to float32).
+      extra_metrics: also report entropies, agreement and gradient/parameter
+        norms. Each is a few small reductions per step: negligible for large
+        models, measurable (kernel launches) for tiny ones.
 
     Returns:
       The step. Its metrics: the objective's (``loss``, ``kd_loss``, ``ce_loss``,
-      ...), ``student_entropy``, ``teacher_entropy`` and ``agreement`` (top-1 with
-      the teacher) when there is a teacher, ``grad_norm`` and ``param_norm``; all
-      averaged over ``axis_name``.
+      ...) and, with ``extra_metrics``, ``student_entropy``, ``teacher_entropy``
+      and ``agreement`` (top-1 with the teacher) when there is a teacher,
+      ``grad_norm`` and ``param_norm``; all averaged over ``axis_name``.
     """
 
     def step(state: TrainState, teacher_params: PyTree, batch: Mapping):
@@ -170,15 +174,18 @@ def make_train_step(
             return loss, (metrics, model_state, student_out)
 
         grads, (metrics, model_state, student_out) = jax.grad(loss_fn, has_aux=True)(state.params)
-        metrics = {**metrics, **_output_metrics(student_out, teacher_out, batch.get(mask_key))}
+        metrics = dict(metrics)
+        if extra_metrics:
+            metrics.update(_output_metrics(student_out, teacher_out, batch.get(mask_key)))
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             metrics = jax.lax.pmean(metrics, axis_name)
             model_state = _pmean_floating(model_state, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["param_norm"] = optax.tree.norm(params)
+        if extra_metrics:
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["param_norm"] = optax.tree.norm(params)
         new_state = state.replace(
             step=state.step + 1,
             params=params,

@@ -303,3 +303,14 @@ def test_bad_batch_is_a_clear_error():
             teacher_variables,
             {"image": np.zeros((4, 12), np.float32), "label": np.zeros(3, np.int32)},
         )
+
+
+def test_without_extra_metrics_the_update_is_the_same_and_only_the_objective_reports():
+    state, teacher_variables, full = _setup()
+    _, _, lean = _setup(extra_metrics=False)
+    data = batch(0)
+    full_state, full_metrics = jax.jit(full)(state, teacher_variables, data)
+    lean_state, lean_metrics = jax.jit(lean)(state, teacher_variables, data)
+    chex.assert_trees_all_close(full_state.params, lean_state.params, rtol=1e-6, atol=0)
+    assert set(lean_metrics) == {"loss", "kd_loss", "ce_loss", "alpha", "temperature"}
+    assert {"grad_norm", "param_norm", "agreement", "teacher_entropy"} <= set(full_metrics)
