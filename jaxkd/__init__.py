@@ -44,17 +44,23 @@ from jaxkd._teachers import (
     stacked_teacher_apply,
 )
 from jaxkd.losses import (
+    attention_transfer_loss,
     cross_entropy_with_integer_labels,
     dist_loss,
     dkd_loss,
     entropy,
     generalized_jsd,
+    hint_loss,
     hinton_loss,
     kl_divergence,
     log_softmax,
     logit_mse,
     masked_mean,
+    pkt_loss,
     reverse_kl_divergence,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    similarity_preserving_loss,
     skew_kl_divergence,
     skew_reverse_kl_divergence,
     soft_cross_entropy,
@@ -66,6 +72,12 @@ from jaxkd.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention_transfer_loss",
+    "hint_loss",
+    "pkt_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "similarity_preserving_loss",
     "TrainState",
     "accuracy",
     "aggregate_teacher_logits",

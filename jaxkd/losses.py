@@ -1,4 +1,9 @@
-"""All jaxkd losses in one namespace: ``from jaxkd import losses``."""
+"""All jaxkd losses in one namespace: ``from jaxkd import losses``.
+
+Logit losses return one value per example; feature losses per example too
+(hints, attention transfer); relational and batch losses (RKD, similarity-
+preserving, PKT, DIST) return a scalar for the batch.
+"""
 
 from jaxkd._distributions import entropy, log_softmax, softmax, standardize_logits
 from jaxkd._divergences import (
@@ -11,6 +16,7 @@ from jaxkd._divergences import (
     soft_cross_entropy,
     total_variation,
 )
+from jaxkd._feature_losses import attention_transfer_loss, hint_loss
 from jaxkd._kd_losses import (
     cross_entropy_with_integer_labels,
     dist_loss,
@@ -18,8 +24,20 @@ from jaxkd._kd_losses import (
     hinton_loss,
     masked_mean,
 )
+from jaxkd._relational_losses import (
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    similarity_preserving_loss,
+)
 
 __all__ = [
+    "attention_transfer_loss",
+    "hint_loss",
+    "pkt_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "similarity_preserving_loss",
     "cross_entropy_with_integer_labels",
     "dist_loss",
     "dkd_loss",
