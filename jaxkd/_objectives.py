@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxkd import _checks
 from jaxkd._divergences import (
     generalized_jsd,
     kl_divergence,
@@ -141,10 +142,10 @@ def distillation_objective(
         value = {"alpha": alpha, "temperature": temperature}[name]
         if not callable(value) and not isinstance(value, int | float):
             raise TypeError(f"`{name}` must be a number or a schedule, got {type(value)}.")
-    if not callable(temperature) and not temperature > 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}.")
-    if not callable(alpha) and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
+    if not callable(temperature):
+        _checks.check_positive_scalar("temperature", temperature)
+    if not callable(alpha):
+        _checks.check_unit_interval("alpha", alpha)
     if "skew_alpha" in loss_kwargs:
         loss_kwargs["alpha"] = loss_kwargs.pop("skew_alpha")
 
