@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxkd._cost import compiled_flops, flops_from_cost_analysis  # noqa: F401 (re-export)
+
 Runner = Callable[[int], None]
 """``run(n)``: performs ``n`` calls and returns when their results are ready."""
 
@@ -121,30 +123,6 @@ def repeat(fn: Callable[..., Any], *args: Any) -> Runner:
             jax.block_until_ready(fn(*args))
 
     return run
-
-
-def flops_from_cost_analysis(analysis: Any) -> float | None:
-    """The ``flops`` entry of a ``cost_analysis()`` result.
-
-    Backends return ``None``, a dict, or a list of dicts (one per program);
-    the list's entries are summed.
-    """
-    if analysis is None:
-        return None
-    if isinstance(analysis, Mapping):
-        value = analysis.get("flops")
-        return None if value is None or value < 0 else float(value)
-    total = [flops_from_cost_analysis(entry) for entry in analysis]
-    known = [value for value in total if value is not None]
-    return sum(known) if known else None
-
-
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of a compiled computation from XLA's cost analysis, or None."""
-    try:
-        return flops_from_cost_analysis(compiled.cost_analysis())
-    except NotImplementedError:
-        return None
 
 
 def flops_of(fn: Callable[..., Any], *args: Any) -> float | None:

@@ -116,14 +116,6 @@ def make_optimizer(config, *, steps: int, learning_rate: float) -> optax.Gradien
     return optax.adam(schedule)
 
 
-def _cost_flops(compiled) -> float:
-    """FLOPs from XLA's cost analysis (a dict, a list of dicts or None by backend)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
 def inference_costs(
     apply: Callable, params, model_state, inputs: np.ndarray, *, repeats: int = 5
 ) -> tuple[float, float]:
@@ -142,7 +134,9 @@ def inference_costs(
         start = time.perf_counter()
         compiled(params, model_state, inputs).block_until_ready()
         times.append(time.perf_counter() - start)
-    return _cost_flops(compiled) / len(inputs), len(inputs) / float(np.median(times))
+    flops = jaxkd.compiled_flops(compiled)
+    flops = float("nan") if flops is None else flops
+    return flops / len(inputs), len(inputs) / float(np.median(times))
 
 
 def _host(tree) -> dict[str, float]:

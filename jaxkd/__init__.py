@@ -18,6 +18,7 @@ from jaxkd._adapters import (
     nnx_teacher_apply,
     split_linen_variables,
 )
+from jaxkd._cost import compiled_flops
 from jaxkd._metrics import accuracy, top1_agreement
 from jaxkd._objectives import (
     cross_entropy_objective,
@@ -72,6 +73,7 @@ from jaxkd.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "compiled_flops",
     "attention_transfer_loss",
     "hint_loss",
     "pkt_loss",
