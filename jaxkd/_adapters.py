@@ -8,6 +8,7 @@ variables dict, BatchNorm statistics included; for NNX the full state).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,26 +78,51 @@ def nnx_split(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
+def _stream_key(rng: jax.Array, tag: str) -> jax.Array:
+    """The key of rng stream ``tag`` for one call: ``fold_in(rng, crc32(tag))``."""
+    return jax.random.fold_in(rng, zlib.crc32(tag.encode()))
+
+
 def nnx_apply(graphdef):
     """Student apply for an NNX model split by :func:`nnx_split`.
 
-    Training mode is set with ``model.train()`` / ``model.eval()``; stochastic
-    layers draw from the model's own ``nnx.Rngs`` (part of ``model_state``), so
-    the ``rng`` argument is unused.
+    Training mode is set with ``model.train()`` / ``model.eval()``. In training
+    with an ``rng``, every ``nnx.Rngs`` stream of the model (``"dropout"``,
+    ``"default"``, ``"params"`` and any other tag) is reseeded for the call with
+    ``nnx.reseed``: the stream tagged ``tag`` draws from
+    ``fold_in(rng, crc32(tag))`` (split to the shape of streams with non-scalar
+    keys), so nnx.Dropout and other stochastic layers draw from keys derived
+    from ``rng`` alone, and devices given different keys (as the data-parallel
+    step gives them) draw different masks. The rng variables are then returned as
+    they came in, so the returned ``model_state`` differs from the input only in
+    non-rng state such as BatchNorm statistics, and stays identical on every
+    device.
+
+    With ``rng=None`` in training, stochastic layers draw from the model's own
+    ``nnx.Rngs`` (part of ``model_state``) and the returned ``model_state``
+    carries their advanced counters. In eval mode ``rng`` is unused and
+    ``model_state`` is returned unchanged.
     """
 
     def apply(params, model_state, inputs, *, train: bool, rng=None):
-        del rng
         # copy=True: fresh Variables at the current trace level, so that BatchNorm
         # may update its statistics inside jax.grad.
         model = nnx.merge(graphdef, params, model_state, copy=True)
-        if train:
-            model.train()
-        else:
-            model.eval()
-        outputs = model(inputs)
         if not train:
-            return outputs, model_state
+            model.eval()
+            return model(inputs), model_state
+        model.train()
+        if rng is None:
+            outputs = model(inputs)
+        else:
+            streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
+            saved = [
+                (stream, stream.key.get_value(), stream.count.get_value()) for stream in streams
+            ]
+            tags = {stream.tag for stream in streams}
+            nnx.reseed(model, policy="match_shape", **{tag: _stream_key(rng, tag) for tag in tags})
+            outputs = model(inputs)
+            nnx.restore_rngs(saved)
         _, _, model_state = nnx.split(model, nnx.Param, ...)
         return outputs, model_state
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 NUM_CLASSES = 5
 NUM_FEATURES = 12
@@ -41,3 +42,21 @@ def batch(seed: int, size: int = 16) -> dict[str, np.ndarray]:
     x = rng.normal(size=(size, NUM_FEATURES)).astype(np.float32)
     projection = np.random.default_rng(1234).normal(size=(NUM_FEATURES, NUM_CLASSES))
     return {"image": x, "label": np.argmax(x @ projection, axis=-1).astype(np.int32)}
+
+
+class NnxMLP(nnx.Module):
+    """Dense -> [BatchNorm] -> ReLU -> Dropout -> Dense, in NNX."""
+
+    def __init__(
+        self, *, hidden: int = 16, batch_norm: bool = False, dropout_rate: float, rngs: nnx.Rngs
+    ):
+        self.hidden = nnx.Linear(NUM_FEATURES, hidden, rngs=rngs)
+        self.norm = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs) if batch_norm else None
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.out = nnx.Linear(hidden, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.hidden(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.out(self.dropout(nnx.relu(x)))
