@@ -9,6 +9,7 @@ ready-made objectives, run on one device or data-parallel with ``pmap_step`` or
 ``shard_step``; adapters for Flax linen and NNX models.
 """
 
+from jaxkd import losses
 from jaxkd._adapters import (
     count_params,
     linen_apply,
@@ -44,45 +45,15 @@ from jaxkd._teachers import (
     stack_params,
     stacked_teacher_apply,
 )
-from jaxkd.losses import (
-    attention_transfer_loss,
-    cross_entropy_with_integer_labels,
-    dist_loss,
-    dkd_loss,
-    entropy,
-    generalized_jsd,
-    hint_loss,
-    hinton_loss,
-    kl_divergence,
-    log_softmax,
-    logit_mse,
-    masked_mean,
-    pkt_loss,
-    reverse_kl_divergence,
-    rkd_angle_loss,
-    rkd_distance_loss,
-    similarity_preserving_loss,
-    skew_kl_divergence,
-    skew_reverse_kl_divergence,
-    soft_cross_entropy,
-    softmax,
-    standardize_logits,
-    total_variation,
-)
+from jaxkd.losses import *  # noqa: F403  (names listed once, in jaxkd.losses.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compiled_flops",
-    "attention_transfer_loss",
-    "hint_loss",
-    "pkt_loss",
-    "rkd_angle_loss",
-    "rkd_distance_loss",
-    "similarity_preserving_loss",
-    "TrainState",
+    *losses.__all__,
     "accuracy",
     "aggregate_teacher_logits",
+    "compiled_flops",
     "count_params",
     "cross_entropy_objective",
     "data_mesh",
@@ -108,22 +79,6 @@ __all__ = [
     "stacked_teacher_apply",
     "summarize_eval",
     "top1_agreement",
+    "TrainState",
     "unreplicate",
-    "cross_entropy_with_integer_labels",
-    "dist_loss",
-    "dkd_loss",
-    "entropy",
-    "generalized_jsd",
-    "hinton_loss",
-    "kl_divergence",
-    "log_softmax",
-    "logit_mse",
-    "masked_mean",
-    "reverse_kl_divergence",
-    "skew_kl_divergence",
-    "skew_reverse_kl_divergence",
-    "soft_cross_entropy",
-    "softmax",
-    "standardize_logits",
-    "total_variation",
 ]

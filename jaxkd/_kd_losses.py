@@ -1,4 +1,4 @@
-"""Composite distillation objectives: Hinton's loss, DKD and DIST, and reductions."""
+"""Composite distillation objectives: Hinton's loss, DKD and DIST."""
 
 from __future__ import annotations
 
@@ -8,39 +8,26 @@ import jax.numpy as jnp
 from jaxkd import _checks
 from jaxkd._distributions import masked_logsumexp, prepare_logits, scaled_log_softmax
 from jaxkd._divergences import kl_divergence, kl_terms, softened_log_probs
+from jaxkd._reductions import gather_examples
 
 
-def masked_mean(values, where=None) -> jax.Array:
-    """Mean of ``values`` over the entries where ``where`` is True.
+def _label_masks(labels, mask, num_classes: int, axis: int):
+    """``(is_label, bad_label)`` for integer labels against (masked) classes.
 
-    Args:
-      values: float array of any shape, e.g. per-example or per-token losses.
-      where: optional bool array of exactly the same shape (no broadcasting).
-
-    Returns:
-      A scalar; 0 (not NaN) when every entry is masked.
-
-    Examples:
-      >>> import jax.numpy as jnp, jaxkd
-      >>> jaxkd.masked_mean(jnp.array([1.0, 2.0, 9.0]), jnp.array([True, True, False]))
-      Array(1.5, dtype=float32)
+    ``is_label`` is the one-hot bool mask ``[..., C, ...]`` (class axis at ``axis``)
+    restricted to kept classes. ``bad_label`` (the labels' shape) is True for kept
+    examples whose label names no kept class: out of ``[0, C)`` or a masked class.
+    Eager calls raise on those (:func:`jaxkd._checks.check_labels`); under ``jit``
+    the loss is NaN there instead, as in optax, so that a bad label can never pass
+    for a loss of 0.
     """
-    values = jnp.asarray(values)
-    if where is None:
-        return jnp.mean(values)
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
-        raise TypeError(f"`where` must be a boolean mask, got dtype {where.dtype}.")
-    _checks.check_same_shape(["values", "where"], [values, where])
-    total = jnp.sum(jnp.where(where, values, 0))
-    count = jnp.sum(where)
-    return total / jnp.maximum(count, 1).astype(total.dtype)
-
-
-def _label_mask(labels, num_classes: int, axis: int) -> jax.Array:
-    """One-hot bool mask ``[..., C, ...]`` with the class axis at ``axis``."""
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_, axis=-1)
-    return jnp.moveaxis(one_hot, -1, axis)
+    is_label = jnp.moveaxis(one_hot, -1, axis)
+    kept = True
+    if mask is not None:
+        is_label = is_label & mask
+        kept = jnp.any(mask, axis=axis)
+    return is_label, kept & ~jnp.any(is_label, axis=axis)
 
 
 def cross_entropy_with_integer_labels(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
@@ -57,15 +44,16 @@ def cross_entropy_with_integer_labels(logits, labels, *, axis: int = -1, where=N
         and may hold any label value).
 
     Returns:
-      Array of the labels' shape.
+      Array of the labels' shape. A kept example whose label is out of range (or
+      names a masked class) raises when the labels are concrete and gives NaN under
+      ``jit``, never a silent 0.
     """
     scaled, mask, axis = prepare_logits("logits", logits, 1.0, axis, where)
     _checks.check_labels(labels, scaled.shape, axis, where)
     log_p = scaled_log_softmax(scaled, axis, mask)
-    is_label = _label_mask(labels, scaled.shape[axis], axis)
-    if mask is not None:
-        is_label = is_label & mask
-    return -jnp.sum(jnp.where(is_label, log_p, 0.0), axis=axis)
+    is_label, bad_label = _label_masks(labels, mask, scaled.shape[axis], axis)
+    loss = -jnp.sum(jnp.where(is_label, log_p, 0.0), axis=axis)
+    return jnp.where(bad_label, jnp.nan, loss)
 
 
 def hinton_loss(
@@ -153,7 +141,8 @@ def dkd_loss(
       where: optional bool mask, per class or per example.
 
     Returns:
-      Non-negative array of the labels' shape.
+      Non-negative array of the labels' shape; NaN under ``jit`` for a kept example
+      with an out-of-range label (concrete labels raise instead).
 
     References:
       Zhao, Cui, Song, Qiu and Liang, "Decoupled Knowledge Distillation",
@@ -163,9 +152,7 @@ def dkd_loss(
         student_logits, teacher_logits, temperature, axis, where
     )
     _checks.check_labels(labels, log_p_s.shape, axis, where)
-    is_label = _label_mask(labels, log_p_s.shape[axis], axis)
-    if mask is not None:
-        is_label = is_label & mask
+    is_label, bad_label = _label_masks(labels, mask, log_p_s.shape[axis], axis)
     not_label = ~is_label if mask is None else mask & ~is_label
 
     def binary(log_p):
@@ -182,7 +169,7 @@ def dkd_loss(
 
     nckd = jnp.sum(kl_terms(non_target(log_p_t), non_target(log_p_s)), axis=axis)
     temperature_squared = jnp.square(jnp.asarray(temperature, tckd.dtype))
-    return temperature_squared * (alpha * tckd + beta * nckd)
+    return jnp.where(bad_label, jnp.nan, temperature_squared * (alpha * tckd + beta * nckd))
 
 
 def _pearson_distance_centered(x: jax.Array, y: jax.Array, axis: int, eps: float):
@@ -214,6 +201,7 @@ def dist_loss(
     temperature=1.0,
     where=None,
     eps: float = 1e-8,
+    axis_name: str | None = None,
 ) -> jax.Array:
     r"""DIST: match inter-class and intra-class Pearson correlations.
 
@@ -225,7 +213,10 @@ def dist_loss(
         + \gamma\,\frac1C \sum_j d(Y_{s,:j}, Y_{t,:j})\right]
 
     The intra-class term correlates each class's probabilities across the batch,
-    so the loss is a property of the whole batch and returns a scalar.
+    so the loss is a property of the whole batch and returns a scalar. Under data
+    parallelism pass ``axis_name``: the logits and the mask are gathered over that
+    axis, so that the value and the gradient are those of the global batch, equal
+    to one device's (the intra-class correlation of one shard is not).
 
     Args:
       student_logits: float array ``[B, C]``.
@@ -236,9 +227,10 @@ def dist_loss(
       where: optional bool ``[B]`` mask of examples taking part; with none kept
         the loss is 0.
       eps: added to the product of norms in the correlation.
+      axis_name: the data-parallel axis to gather the batch over, or ``None``.
 
     Returns:
-      A scalar.
+      A scalar (the same on every device of ``axis_name``).
 
     References:
       Huang, You, Wang, Qian and Xu, "Knowledge Distillation from A Stronger
@@ -254,6 +246,9 @@ def dist_loss(
             f"`where` must be a per-example mask of shape {jnp.shape(student_logits)[:1]}, "
             f"got {jnp.shape(where)}."
         )
+    student_logits, teacher_logits, where = (
+        gather_examples(x, axis_name) for x in (student_logits, teacher_logits, where)
+    )
     log_p_s, log_p_t, _, _ = softened_log_probs(
         student_logits, teacher_logits, temperature, -1, None
     )

@@ -1,10 +1,18 @@
 """Ready-made objectives for the train step, with scheduled hyper-parameters.
 
 An objective has the signature
-``objective(student_out, teacher_out, batch, step) -> (loss, metrics)``: it sees the
-student's and the teacher's outputs (logits ``[B, C]``, or a mapping with a
-``"logits"`` entry), the batch (for labels and masks) and the step (for schedules),
-and returns a scalar loss and a dict of scalar metrics.
+``objective(student_out, teacher_out, batch, step, *, axis_name=None) -> (loss, metrics)``:
+it sees the student's and the teacher's outputs (logits ``[B, C]`` or ``[B, L, V]``,
+or a mapping with a ``"logits"`` entry), the batch (for labels and masks) and the
+step (for schedules), and returns a scalar loss and a dict of scalar metrics.
+
+Under data parallelism the step passes its ``axis_name``, and the loss and every
+metric are those of the *global* batch, the same on every device: masked means
+are ratios of sums and counts reduced over the axis
+(:func:`jaxkd.masked_means`), and batch-level losses gather their inputs. The
+step then averages the gradients with ``pmean``, which gives the gradient of the
+global loss (the transpose of ``psum`` is ``psum``), so one device and eight
+agree exactly whatever the masks.
 
 A hyper-parameter given as a number is constant; given as a callable (any Optax
 schedule, ``step -> value``) it is evaluated at the state's step inside the jitted
@@ -15,11 +23,14 @@ step, so fixed, linear and exponential-decay schedules are just
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import _checks
 from jaxkd._divergences import (
@@ -32,14 +43,10 @@ from jaxkd._divergences import (
     soft_cross_entropy,
     total_variation,
 )
-from jaxkd._kd_losses import (
-    cross_entropy_with_integer_labels,
-    dist_loss,
-    dkd_loss,
-    masked_mean,
-)
+from jaxkd._kd_losses import cross_entropy_with_integer_labels, dist_loss, dkd_loss
+from jaxkd._reductions import masked_means
 
-Objective = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+Objective = Callable[..., tuple[jax.Array, dict]]
 Scalar = float | Callable[[jax.Array], jax.Array]
 
 
@@ -63,108 +70,217 @@ def value_at(hyper_parameter: Scalar, step: jax.Array) -> jax.Array:
     return jnp.asarray(value, jnp.float32)
 
 
-# name -> (function, kind). Kinds: "soft" per-example and tempered; "untempered"
-# per-example without temperature; "labelled" per-example, needs labels; "batch"
-# returns a scalar for the whole batch.
-_DISTILLATION_LOSSES: dict[str, tuple[Callable, str]] = {
-    "kl": (kl_divergence, "soft"),
-    "reverse_kl": (reverse_kl_divergence, "soft"),
-    "soft_cross_entropy": (soft_cross_entropy, "soft"),
-    "jsd": (generalized_jsd, "soft"),
-    "skew_kl": (skew_kl_divergence, "soft"),
-    "skew_reverse_kl": (skew_reverse_kl_divergence, "soft"),
-    "total_variation": (total_variation, "soft"),
-    "logit_mse": (logit_mse, "untempered"),
-    "dkd": (dkd_loss, "labelled"),
-    "dist": (dist_loss, "batch"),
+# Losses by name: a thin convenience over passing the function itself.
+LOSSES: dict[str, Callable] = {
+    "kl": kl_divergence,
+    "reverse_kl": reverse_kl_divergence,
+    "soft_cross_entropy": soft_cross_entropy,
+    "jsd": generalized_jsd,
+    "skew_kl": skew_kl_divergence,
+    "skew_reverse_kl": skew_reverse_kl_divergence,
+    "total_variation": total_variation,
+    "logit_mse": logit_mse,
+    "dkd": dkd_loss,
+    "dist": dist_loss,
 }
+# Arguments the objective sets itself; a loss's own options go in `loss_kwargs`.
+_SET_BY_OBJECTIVE = ("labels", "temperature", "where", "axis", "axis_name")
 
 
-def _kd_term(name, student_logits, teacher_logits, labels, mask, temperature, kwargs):
-    """The mean distillation term of a batch for a loss from the table above."""
-    loss_fn, kind = _DISTILLATION_LOSSES[name]
-    if kind == "batch":
-        return loss_fn(
-            student_logits, teacher_logits, temperature=temperature, where=mask, **kwargs
-        )
-    if kind == "soft":
-        values = loss_fn(
-            student_logits, teacher_logits, temperature=temperature, where=mask, **kwargs
-        )
-    elif kind == "untempered":
-        values = loss_fn(student_logits, teacher_logits, where=mask, **kwargs)
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword argument ``name``."""
+    parameters = inspect.signature(fn).parameters.values()
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in parameters
+    )
+
+
+def _is_real_scalar(value) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        dtype is not None
+        and jnp.ndim(value) == 0
+        and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    )
+
+
+def _check_hyper_parameter(name: str, value: Scalar, check: Callable) -> None:
+    """A number (Python, NumPy or JAX scalar) checked now, or a schedule checked at 0."""
+    if callable(value):
+        first = value(jnp.zeros((), jnp.int32))
+        if jnp.ndim(first) != 0:
+            raise ValueError(f"The `{name}` schedule must return a scalar, got {jnp.shape(first)}.")
+        check(f"{name}(step=0)", first)
+    elif _is_real_scalar(value):
+        check(name, value)
     else:
-        values = loss_fn(
-            student_logits, teacher_logits, labels, temperature=temperature, where=mask, **kwargs
-        )
-    return masked_mean(values, mask)
+        raise TypeError(f"`{name}` must be a real number or a schedule, got {type(value)}.")
+
+
+def _in_unit_interval(value: jax.Array) -> jax.Array:
+    """``value`` where it lies in [0, 1], NaN elsewhere (schedules are traced)."""
+    return jnp.where((value >= 0) & (value <= 1), value, jnp.nan)
+
+
+def _positive(value: jax.Array) -> jax.Array:
+    """``value`` where it is positive and finite, NaN elsewhere."""
+    return jnp.where((value > 0) & jnp.isfinite(value), value, jnp.nan)
+
+
+class _KdTerm:
+    """A distillation loss, resolved and validated once, when the objective is built.
+
+    Which arguments it takes (labels, temperature, a mask, an axis name) is read
+    from its signature; whether it is per example or batch-level from the shape it
+    returns on a small probe batch, traced with the given ``loss_kwargs`` so that
+    unknown or out-of-range options fail here rather than inside the step.
+    """
+
+    def __init__(self, loss, loss_kwargs: Mapping[str, Any], temperature_now):
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ValueError(f"Unknown `loss` {loss!r}; known: {sorted(LOSSES)}.")
+            self.name, self.fn = loss, LOSSES[loss]
+        elif callable(loss):
+            self.name, self.fn = getattr(loss, "__name__", repr(loss)), loss
+        else:
+            raise TypeError(f"`loss` must be a name or a callable, got {type(loss)}.")
+        self.kwargs = dict(loss_kwargs)
+        reserved = sorted(set(self.kwargs) & set(_SET_BY_OBJECTIVE))
+        if reserved:
+            raise ValueError(
+                f"`loss_kwargs` may not set {reserved}: the objective passes them "
+                "(temperature as the objective's `temperature`, masks from the batch)."
+            )
+        parameters = inspect.signature(self.fn).parameters
+        self.needs_labels = "labels" in parameters
+        self.tempered = "temperature" in parameters
+        self.takes_where = accepts_keyword(self.fn, "where")
+        self.takes_axis_name = "axis_name" in parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(self.kwargs) - set(parameters))
+            if unknown:
+                options = [n for n in parameters if n not in _SET_BY_OBJECTIVE][2:]
+                raise ValueError(
+                    f"`loss_kwargs` {unknown} are not options of the loss {self.name!r}; "
+                    f"its options: {options}."
+                )
+        probe_logits = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+        probe_labels = jnp.array([0, 1, 2, 0], jnp.int32)
+        shape = jax.eval_shape(
+            lambda s, t: self(s, t, probe_labels, None, temperature_now, None),
+            probe_logits,
+            probe_logits,
+        ).shape
+        if shape not in ((), (4,)):
+            raise ValueError(
+                f"The loss {self.name!r} returned shape {shape} for [4, 3] logits; a loss "
+                "must return one value per example ([4]) or a scalar for the batch."
+            )
+        self.batch_level = shape == ()
+
+    def __call__(self, student_logits, teacher_logits, labels, mask, temperature, axis_name):
+        kwargs = dict(self.kwargs)
+        if self.tempered:
+            kwargs["temperature"] = temperature
+        if mask is not None:
+            if not self.takes_where:
+                raise ValueError(f"The batch has a mask; the loss {self.name!r} takes no `where`.")
+            kwargs["where"] = mask
+        if axis_name is not None and self.takes_axis_name:
+            kwargs["axis_name"] = axis_name
+        args = (student_logits, teacher_logits) + ((labels,) if self.needs_labels else ())
+        return self.fn(*args, **kwargs)
 
 
 def distillation_objective(
-    loss: str = "kl",
+    loss: str | Callable = "kl",
     *,
     alpha: Scalar = 0.9,
     temperature: Scalar = 4.0,
     label_key: str | None = "label",
     mask_key: str = "mask",
-    **loss_kwargs,
+    loss_kwargs: Mapping[str, Any] | None = None,
 ) -> Objective:
     r"""``alpha * distillation_loss + (1 - alpha) * cross_entropy(labels)``.
 
     With ``loss="kl"`` this is Hinton et al.'s objective,
     :math:`\alpha T^2 \mathrm{KL}(p_t^T \| p_s^T) + (1 - \alpha) \mathrm{CE}(y, p_s)`.
-    Per-example terms are averaged over the batch (over examples where
-    ``batch[mask_key]`` is True, when the batch has that key).
+    Per-example (or per-token) terms are averaged over the real entries of the
+    batch (where ``batch[mask_key]`` is True, when the batch has that key) across
+    the data-parallel axis: ``sum / count`` of the global batch.
 
     Args:
-      loss: one of ``"kl"``, ``"reverse_kl"``, ``"soft_cross_entropy"``, ``"jsd"``,
-        ``"skew_kl"``, ``"skew_reverse_kl"``, ``"total_variation"``, ``"logit_mse"``,
-        ``"dkd"`` (needs labels), ``"dist"`` (a batch-level loss).
-      alpha: weight of the distillation term in ``[0, 1]``: a float or a schedule.
-      temperature: positive temperature: a float or a schedule.
-      label_key: batch key of the integer labels ``[B]``; ``None`` for pure
-        distillation without labels (then ``alpha`` must be 1).
-      mask_key: batch key of an optional bool ``[B]`` mask of real examples.
-      **loss_kwargs: extra keyword arguments of the loss (``beta`` for ``"jsd"``,
-        ``"dkd"`` and ``"dist"``, ``alpha`` of skew KL as ``skew_alpha``...).
+      loss: a loss function with jaxkd's signature ``(student_logits,
+        teacher_logits[, labels], *, [temperature], where, ...)`` returning one value
+        per example or a scalar for the batch, e.g. ``jaxkd.generalized_jsd`` or
+        ``functools.partial(jaxkd.dkd_loss, beta=8.0)``; or the name of a jaxkd loss:
+        ``"kl"``, ``"reverse_kl"``, ``"soft_cross_entropy"``, ``"jsd"``,
+        ``"skew_kl"``, ``"skew_reverse_kl"``, ``"total_variation"``,
+        ``"logit_mse"``, ``"dkd"`` (needs labels), ``"dist"`` (batch-level).
+      alpha: weight of the distillation term in ``[0, 1]``: a number or a schedule
+        ``step -> value`` (a schedule leaving ``[0, 1]`` makes the loss NaN).
+      temperature: positive temperature: a number or a schedule.
+      label_key: batch key of the integer labels (``[B]``, or ``[B, L]`` for
+        tokens); ``None`` for pure distillation without labels (then ``alpha`` must
+        be 1).
+      mask_key: batch key of an optional bool mask of real examples (or tokens).
+      loss_kwargs: the loss's own options, e.g. ``{"beta": 0.5}`` for ``"jsd"``,
+        ``{"alpha": 1.0, "beta": 8.0}`` for ``"dkd"``. Unknown or out-of-range
+        options are rejected here, when the objective is built.
 
     Returns:
-      An objective ``(student_out, teacher_out, batch, step) -> (loss, metrics)``
-      with metrics ``loss``, ``kd_loss``, ``ce_loss``, ``alpha``, ``temperature``.
-    """
-    if loss not in _DISTILLATION_LOSSES:
-        raise ValueError(f"Unknown `loss` {loss!r}; known: {sorted(_DISTILLATION_LOSSES)}.")
-    if label_key is None and (callable(alpha) or alpha != 1.0):
-        raise ValueError("Without `label_key` there is no cross-entropy term: set alpha=1.0.")
-    if label_key is None and _DISTILLATION_LOSSES[loss][1] == "labelled":
-        raise ValueError(f"`loss`={loss!r} needs labels: `label_key` must not be None.")
-    for name in ("alpha", "temperature"):
-        value = {"alpha": alpha, "temperature": temperature}[name]
-        if not callable(value) and not isinstance(value, int | float):
-            raise TypeError(f"`{name}` must be a number or a schedule, got {type(value)}.")
-    if not callable(temperature):
-        _checks.check_positive_scalar("temperature", temperature)
-    if not callable(alpha):
-        _checks.check_unit_interval("alpha", alpha)
-    if "skew_alpha" in loss_kwargs:
-        loss_kwargs["alpha"] = loss_kwargs.pop("skew_alpha")
+      An objective ``(student_out, teacher_out, batch, step, *, axis_name=None) ->
+      (loss, metrics)`` with metrics ``loss``, ``kd_loss``, ``ce_loss``, ``alpha``,
+      ``temperature``, all of the global batch.
 
-    def objective(student_out, teacher_out, batch, step):
+    Examples:
+      >>> import functools, jaxkd
+      >>> objective = jaxkd.distillation_objective(
+      ...     functools.partial(jaxkd.dkd_loss, beta=8.0), alpha=1.0, temperature=4.0)
+      >>> jaxkd.distillation_objective("jsd", loss_kwargs={"betaa": 0.5})
+      Traceback (most recent call last):
+      ...
+      ValueError: `loss_kwargs` ['betaa'] are not options of the loss 'jsd'; its options: ['beta'].
+    """
+    _check_hyper_parameter("alpha", alpha, _checks.check_unit_interval)
+    _check_hyper_parameter("temperature", temperature, _checks.check_positive_scalar)
+    if label_key is None and (callable(alpha) or float(alpha) != 1.0):
+        raise ValueError("Without `label_key` there is no cross-entropy term: set alpha=1.0.")
+    temperature_now = float(value_at(temperature, jnp.zeros((), jnp.int32)))
+    kd_term = _KdTerm(loss, loss_kwargs or {}, temperature_now)
+    if label_key is None and kd_term.needs_labels:
+        raise ValueError(f"The loss {kd_term.name!r} needs labels: `label_key` must not be None.")
+
+    def objective(student_out, teacher_out, batch, step, *, axis_name=None):
         student_logits = logits_of(student_out)
         teacher_logits = jax.lax.stop_gradient(logits_of(teacher_out))
         mask = batch.get(mask_key)
         labels = None if label_key is None else batch[label_key]
-        alpha_now = value_at(alpha, step)
-        temperature_now = value_at(temperature, step)
-        kd = _kd_term(
-            loss, student_logits, teacher_logits, labels, mask, temperature_now, loss_kwargs
-        )
-        if labels is None:
-            ce = jnp.zeros((), kd.dtype)
-        else:
-            ce = masked_mean(
-                cross_entropy_with_integer_labels(student_logits, labels, where=mask), mask
+        alpha_now = _in_unit_interval(value_at(alpha, step))
+        temperature_now = _positive(value_at(temperature, step))
+        kd = kd_term(student_logits, teacher_logits, labels, mask, temperature_now, axis_name)
+        means = {}
+        if not kd_term.batch_level:
+            means["kd"] = (kd, mask)
+        elif axis_name is not None and not kd_term.takes_axis_name:
+            raise ValueError(
+                f"The batch-level loss {kd_term.name!r} takes no `axis_name`: under data "
+                "parallelism it would see one shard only. Give it an `axis_name` argument "
+                "that gathers the batch (see jaxkd.gather_examples)."
             )
+        if labels is not None:
+            ce = cross_entropy_with_integer_labels(student_logits, labels, where=mask)
+            means["ce"] = (ce, mask)
+        means = masked_means(means, axis_name=axis_name)
+        kd = means.get("kd", kd)
+        ce = means.get("ce", jnp.zeros((), kd.dtype))
         total = alpha_now * kd + (1.0 - alpha_now) * ce
         metrics = {
             "loss": total,
@@ -179,7 +295,11 @@ def distillation_objective(
 
 
 def hinton_objective(
-    *, alpha: Scalar = 0.9, temperature: Scalar = 4.0, label_key: str = "label"
+    *,
+    alpha: Scalar = 0.9,
+    temperature: Scalar = 4.0,
+    label_key: str = "label",
+    mask_key: str = "mask",
 ) -> Objective:
     """Hinton et al.'s ``alpha * T^2 KL + (1 - alpha) * CE``; see
     :func:`distillation_objective`.
@@ -188,7 +308,9 @@ def hinton_objective(
       Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network",
       2015. https://arxiv.org/abs/1503.02531
     """
-    return distillation_objective("kl", alpha=alpha, temperature=temperature, label_key=label_key)
+    return distillation_objective(
+        "kl", alpha=alpha, temperature=temperature, label_key=label_key, mask_key=mask_key
+    )
 
 
 def cross_entropy_objective(*, label_key: str = "label", mask_key: str = "mask") -> Objective:
@@ -196,15 +318,15 @@ def cross_entropy_objective(*, label_key: str = "label", mask_key: str = "mask")
 
     The teacher output is ignored: use it with ``teacher_apply=None`` and batches
     without teacher logits, and :func:`jaxkd.make_train_step` runs no teacher.
+    The loss is the mean cross entropy over the real examples (or tokens) of the
+    global batch.
     """
 
-    def objective(student_out, teacher_out, batch, step):
+    def objective(student_out, teacher_out, batch, step, *, axis_name=None):
         del teacher_out, step
         mask = batch.get(mask_key)
-        ce = masked_mean(
-            cross_entropy_with_integer_labels(logits_of(student_out), batch[label_key], where=mask),
-            mask,
-        )
+        ce = cross_entropy_with_integer_labels(logits_of(student_out), batch[label_key], where=mask)
+        ce = masked_means({"ce": (ce, mask)}, axis_name=axis_name)["ce"]
         return ce, {"loss": ce, "ce_loss": ce}
 
     return objective

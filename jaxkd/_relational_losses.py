@@ -4,6 +4,11 @@ They compare distances, angles or similarities between the examples of a batch, 
 like ``dist_loss``, they are a property of the whole batch and return a scalar:
 ``rkd_distance_loss``, ``rkd_angle_loss``, ``similarity_preserving_loss`` and
 ``pkt_loss``. Masks, dtypes and safe norms follow :mod:`jaxkd._feature_losses`.
+
+Under data parallelism each takes ``axis_name``: the embeddings (and the mask) of
+every device are gathered over that axis first, so that the relations, the value
+and the gradient are those of the global batch, as on one device. Without it the
+loss is that of the local shard only.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from jaxkd._feature_losses import (
     _safe_divide,
     _safe_normalize,
 )
-from jaxkd._kd_losses import _safe_norm, masked_mean
+from jaxkd._kd_losses import _safe_norm
+from jaxkd._reductions import gather_examples, masked_mean
 
 
 def _relational_pair(student_embeddings, teacher_embeddings, where):
@@ -42,7 +48,9 @@ def _normalized_distances(embeddings: jax.Array, pairs: jax.Array) -> jax.Array:
     return _safe_divide(distances, masked_mean(distances, pairs))
 
 
-def rkd_distance_loss(student_embeddings, teacher_embeddings, *, where=None) -> jax.Array:
+def rkd_distance_loss(
+    student_embeddings, teacher_embeddings, *, where=None, axis_name: str | None = None
+) -> jax.Array:
     r"""Distance-wise relational distillation (RKD-D).
 
     With :math:`\psi(e_i, e_j) = \|e_i - e_j\|_2 / \mu`, :math:`\mu` the mean of the
@@ -62,6 +70,7 @@ def rkd_distance_loss(student_embeddings, teacher_embeddings, *, where=None) -> 
       student_embeddings: float array ``[B, D_s]``.
       teacher_embeddings: float array ``[B, D_t]``; ``D_t`` may differ from ``D_s``.
       where: optional bool ``[B]`` mask of the examples taking part.
+      axis_name: the data-parallel axis to gather the batch over, or ``None``.
 
     Returns:
       A non-negative scalar; 0 with fewer than two kept examples.
@@ -79,6 +88,9 @@ def rkd_distance_loss(student_embeddings, teacher_embeddings, *, where=None) -> 
       Park, Kim, Lu and Cho, "Relational Knowledge Distillation", CVPR 2019.
       https://arxiv.org/abs/1904.05068
     """
+    student_embeddings, teacher_embeddings, where = (
+        gather_examples(x, axis_name) for x in (student_embeddings, teacher_embeddings, where)
+    )
     student, teacher, kept = _relational_pair(student_embeddings, teacher_embeddings, where)
     pairs = _pair_mask(kept)
     errors = optax.losses.huber_loss(
@@ -93,7 +105,9 @@ def _angles(embeddings: jax.Array) -> jax.Array:
     return jnp.einsum("jid,jkd->jik", directions, directions, precision=_HIGHEST)
 
 
-def rkd_angle_loss(student_embeddings, teacher_embeddings, *, where=None) -> jax.Array:
+def rkd_angle_loss(
+    student_embeddings, teacher_embeddings, *, where=None, axis_name: str | None = None
+) -> jax.Array:
     r"""Angle-wise relational distillation (RKD-A).
 
     With :math:`\psi(e_i, e_j, e_k) = \cos\angle e_i e_j e_k = \langle
@@ -115,6 +129,7 @@ def rkd_angle_loss(student_embeddings, teacher_embeddings, *, where=None) -> jax
       student_embeddings: float array ``[B, D_s]``.
       teacher_embeddings: float array ``[B, D_t]``; ``D_t`` may differ from ``D_s``.
       where: optional bool ``[B]`` mask of the examples taking part.
+      axis_name: the data-parallel axis to gather the batch over, or ``None``.
 
     Returns:
       A non-negative scalar; 0 with fewer than three kept examples.
@@ -132,6 +147,9 @@ def rkd_angle_loss(student_embeddings, teacher_embeddings, *, where=None) -> jax
       Park, Kim, Lu and Cho, "Relational Knowledge Distillation", CVPR 2019.
       https://arxiv.org/abs/1904.05068
     """
+    student_embeddings, teacher_embeddings, where = (
+        gather_examples(x, axis_name) for x in (student_embeddings, teacher_embeddings, where)
+    )
     student, teacher, kept = _relational_pair(student_embeddings, teacher_embeddings, where)
     pairs = _pair_mask(kept)
     # [j, i, k]: (i, j), (k, j) and (i, k) distinct pairs of kept examples.
@@ -150,7 +168,9 @@ def _similarities(features: jax.Array) -> jax.Array:
     return _safe_normalize(jnp.matmul(flat, flat.T, precision=_HIGHEST))
 
 
-def similarity_preserving_loss(student_features, teacher_features, *, where=None) -> jax.Array:
+def similarity_preserving_loss(
+    student_features, teacher_features, *, where=None, axis_name: str | None = None
+) -> jax.Array:
     r"""Similarity-preserving distillation: match the batch's similarity matrices.
 
     With :math:`Q \in \mathbb{R}^{B \times n}` a model's features flattened per
@@ -173,6 +193,7 @@ def similarity_preserving_loss(student_features, teacher_features, *, where=None
       teacher_features: float array ``[B, ...]``, any shape after the batch axis.
       where: optional bool ``[B]`` mask of the examples taking part: the loss of the
         ``n`` kept examples alone, normalized by ``n**2``.
+      axis_name: the data-parallel axis to gather the batch over, or ``None``.
 
     Returns:
       A non-negative scalar.
@@ -190,6 +211,9 @@ def similarity_preserving_loss(student_features, teacher_features, *, where=None
       Tung and Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
       https://arxiv.org/abs/1907.09682
     """
+    student_features, teacher_features, where = (
+        gather_examples(x, axis_name) for x in (student_features, teacher_features, where)
+    )
     student, teacher, kept = _prepare_pair(
         ("student_features", "teacher_features"),
         student_features,
@@ -212,7 +236,9 @@ def _conditional_probabilities(embeddings: jax.Array, pairs: jax.Array) -> jax.A
     return _safe_divide(kernel, jnp.sum(kernel, axis=1, keepdims=True))
 
 
-def pkt_loss(student_embeddings, teacher_embeddings, *, eps=1e-7, where=None) -> jax.Array:
+def pkt_loss(
+    student_embeddings, teacher_embeddings, *, eps=1e-7, where=None, axis_name: str | None = None
+) -> jax.Array:
     r"""Probabilistic knowledge transfer: match conditional similarity distributions.
 
     With the cosine kernel :math:`K(a, b) = \frac12 \left(\frac{a^\top b}{\|a\|\|b\|}
@@ -234,6 +260,7 @@ def pkt_loss(student_embeddings, teacher_embeddings, *, eps=1e-7, where=None) ->
       teacher_embeddings: float array ``[B, D_t]``; ``D_t`` may differ from ``D_s``.
       eps: positive constant added to both probabilities inside the logarithm.
       where: optional bool ``[B]`` mask of the examples taking part.
+      axis_name: the data-parallel axis to gather the batch over, or ``None``.
 
     Returns:
       A scalar (non-negative up to the effect of ``eps``).
@@ -252,6 +279,9 @@ def pkt_loss(student_embeddings, teacher_embeddings, *, eps=1e-7, where=None) ->
       Knowledge Transfer", ECCV 2018. https://arxiv.org/abs/1803.10837
     """
     _checks.check_positive_scalar("eps", eps)
+    student_embeddings, teacher_embeddings, where = (
+        gather_examples(x, axis_name) for x in (student_embeddings, teacher_embeddings, where)
+    )
     student, teacher, kept = _relational_pair(student_embeddings, teacher_embeddings, where)
     pairs = kept[:, None] & kept[None, :]
     p_s = _conditional_probabilities(student, pairs)

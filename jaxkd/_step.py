@@ -8,8 +8,11 @@ with a ``"logits"`` entry. :mod:`jaxkd._adapters` builds both from Flax linen an
 NNX models.
 
 The same step body runs under plain ``jax.jit`` (``axis_name=None``), under
-``jax.pmap`` and under ``jax.shard_map``: with an ``axis_name`` it averages
-gradients, metrics and floating model state over that axis with ``lax.pmean``.
+``jax.pmap`` and under ``jax.shard_map``. With an ``axis_name``, the objective
+and the metrics reduce ``(sum, count)`` pairs over that axis, so that the loss
+and every metric are those of the global batch whatever the masks, and the
+gradients and the floating model state (BatchNorm statistics) are averaged with
+one packed ``pmean``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import optax
 
 from jaxkd._distributions import entropy
 from jaxkd._divergences import kl_divergence
-from jaxkd._kd_losses import cross_entropy_with_integer_labels, masked_mean
+from jaxkd._kd_losses import cross_entropy_with_integer_labels
 from jaxkd._metrics import accuracy, top1_agreement
-from jaxkd._objectives import Objective, logits_of
+from jaxkd._objectives import Objective, accepts_keyword, logits_of
+from jaxkd._reductions import masked_means, pmean_packed
 from jaxkd._state import TrainState
 
 PyTree = Any
@@ -41,17 +45,6 @@ def _cast_floating(tree: PyTree, dtype) -> PyTree:
         return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
     return jax.tree.map(cast, tree)
-
-
-def _pmean_floating(tree: PyTree, axis_name: str) -> PyTree:
-    """``lax.pmean`` of floating leaves; integer and key leaves are left alone."""
-
-    def mean(leaf):
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-            return jax.lax.pmean(leaf, axis_name)
-        return leaf
-
-    return jax.tree.map(mean, tree)
 
 
 def _check_batch(batch: Mapping, required: tuple[str, ...]) -> None:
@@ -93,15 +86,15 @@ def teacher_outputs(
     return jax.lax.stop_gradient(outputs)
 
 
-def _output_metrics(student_out, teacher_out, mask) -> dict[str, jax.Array]:
-    """Entropies and top-1 agreement, averaged over the (masked) batch."""
+def _output_metrics(student_out, teacher_out, mask, axis_name) -> dict[str, jax.Array]:
+    """Entropies and top-1 agreement over the real entries of the global batch."""
     student_logits = jax.lax.stop_gradient(logits_of(student_out))
-    metrics = {"student_entropy": masked_mean(entropy(student_logits), mask)}
+    named = {"student_entropy": (entropy(student_logits), mask)}
     if teacher_out is not None:
         teacher_logits = logits_of(teacher_out)
-        metrics["teacher_entropy"] = masked_mean(entropy(teacher_logits), mask)
-        metrics["agreement"] = masked_mean(top1_agreement(student_logits, teacher_logits), mask)
-    return metrics
+        named["teacher_entropy"] = (entropy(teacher_logits), mask)
+        named["agreement"] = (top1_agreement(student_logits, teacher_logits), mask)
+    return masked_means(named, axis_name=axis_name)
 
 
 def make_train_step(
@@ -131,14 +124,20 @@ def make_train_step(
       teacher_apply: ``teacher_apply(teacher_params, inputs) -> outputs``; or
         ``None`` to read precomputed teacher logits from ``batch[teacher_key]``
         (cached teacher), or to train without a teacher when that key is absent.
-      objective: ``objective(student_out, teacher_out, batch, step) ->
-        (loss, metrics)``, e.g. :func:`jaxkd.hinton_objective`.
+      objective: ``objective(student_out, teacher_out, batch, step, *,
+        axis_name=None) -> (loss, metrics)``, e.g. :func:`jaxkd.hinton_objective`,
+        returning the loss and metrics of the global batch (reduce with
+        :func:`jaxkd.masked_means` over ``axis_name``). An objective without an
+        ``axis_name`` keyword is accepted on one device only.
       optimizer: any Optax transformation (``optax.MultiSteps`` for gradient
         accumulation).
-      axis_name: the data-parallel axis to average over, or ``None`` on one device.
+      axis_name: the data-parallel axis (of ``jax.pmap`` or ``jax.shard_map``), or
+        ``None`` on one device. The same name must be given to the runner
+        (:func:`jaxkd.pmap_step`, :func:`jaxkd.shard_step`).
       input_key: batch key of the model inputs ``[B, ...]``.
       teacher_key: batch key of cached teacher logits ``[B, C]``.
-      mask_key: batch key of an optional bool ``[B]`` mask used by the metrics.
+      mask_key: batch key of an optional bool mask of real examples ``[B]`` (or
+        tokens ``[B, L]``) used by the metrics.
       teacher_dtype: e.g. ``jnp.bfloat16`` to run the teacher forward in lower
         precision (its outputs are cast back to float32).
       extra_metrics: also report entropies, agreement and gradient/parameter
@@ -149,8 +148,17 @@ def make_train_step(
       The step. Its metrics: the objective's (``loss``, ``kd_loss``, ``ce_loss``,
       ...) and, with ``extra_metrics``, ``student_entropy``, ``teacher_entropy``
       and ``agreement`` (top-1 with the teacher) when there is a teacher,
-      ``grad_norm`` and ``param_norm``; all averaged over ``axis_name``.
+      ``grad_norm`` and ``param_norm``; all of the global batch, the same on
+      every device.
     """
+    objective_takes_axis = accepts_keyword(objective, "axis_name")
+    if axis_name is not None and not objective_takes_axis:
+        raise TypeError(
+            f"make_train_step(axis_name={axis_name!r}) needs an objective that accepts "
+            "`axis_name` and reduces its loss over it (e.g. with jaxkd.masked_means); "
+            "a per-device mean would weigh devices equally whatever their masks."
+        )
+    objective_kwargs = {"axis_name": axis_name} if objective_takes_axis else {}
 
     def step(state: TrainState, teacher_params: PyTree, batch: Mapping):
         _check_batch(batch, (input_key,))
@@ -170,17 +178,21 @@ def make_train_step(
             student_out, model_state = student_apply(
                 params, state.model_state, batch[input_key], train=True, rng=step_rng
             )
-            loss, metrics = objective(student_out, teacher_out, batch, state.step)
+            loss, metrics = objective(
+                student_out, teacher_out, batch, state.step, **objective_kwargs
+            )
             return loss, (metrics, model_state, student_out)
 
         grads, (metrics, model_state, student_out) = jax.grad(loss_fn, has_aux=True)(state.params)
         metrics = dict(metrics)
         if extra_metrics:
-            metrics.update(_output_metrics(student_out, teacher_out, batch.get(mask_key)))
+            metrics.update(
+                _output_metrics(student_out, teacher_out, batch.get(mask_key), axis_name)
+            )
         if axis_name is not None:
-            grads = jax.lax.pmean(grads, axis_name)
-            metrics = jax.lax.pmean(metrics, axis_name)
-            model_state = _pmean_floating(model_state, axis_name)
+            # Every device differentiated the global loss: the mean of their
+            # gradients is its gradient. One all-reduce for gradients and state.
+            grads, model_state = pmean_packed((grads, model_state), axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if extra_metrics:

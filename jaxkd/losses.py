@@ -2,7 +2,8 @@
 
 Logit losses return one value per example; feature losses per example too
 (hints, attention transfer); relational and batch losses (RKD, similarity-
-preserving, PKT, DIST) return a scalar for the batch.
+preserving, PKT, DIST) return a scalar for the batch. Reductions (masked means
+over one device or a data-parallel axis) live here too.
 """
 
 from jaxkd._distributions import entropy, log_softmax, softmax, standardize_logits
@@ -17,13 +18,8 @@ from jaxkd._divergences import (
     total_variation,
 )
 from jaxkd._feature_losses import attention_transfer_loss, hint_loss
-from jaxkd._kd_losses import (
-    cross_entropy_with_integer_labels,
-    dist_loss,
-    dkd_loss,
-    hinton_loss,
-    masked_mean,
-)
+from jaxkd._kd_losses import cross_entropy_with_integer_labels, dist_loss, dkd_loss, hinton_loss
+from jaxkd._reductions import gather_examples, masked_mean, masked_means, masked_sum_and_count
 from jaxkd._relational_losses import (
     pkt_loss,
     rkd_angle_loss,
@@ -42,12 +38,15 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "entropy",
+    "gather_examples",
     "generalized_jsd",
     "hinton_loss",
     "kl_divergence",
     "log_softmax",
     "logit_mse",
     "masked_mean",
+    "masked_means",
+    "masked_sum_and_count",
     "reverse_kl_divergence",
     "skew_kl_divergence",
     "skew_reverse_kl_divergence",
