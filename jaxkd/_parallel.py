@@ -11,10 +11,21 @@ the implicit broadcast), and the ``pmean`` in the body would then scale the upda
 by the number of devices. :func:`shard_step` therefore maps the body with
 ``check_vma=False``, which gives it exactly the per-device semantics it has under
 ``pmap``; the tests hold the pmap, shard_map and single-device updates equal.
+
+On CPU devices (``--xla_force_host_platform_device_count``), XLA:CPU runs each
+device's program on a shared thread pool and meets at every all-reduce in a
+rendezvous; a loop that dispatches hundreds of steps without waiting can exhaust
+the client's in-flight executions while some device's program has not started,
+and the rendezvous then aborts the process ("not all of them arrived on time").
+Both runners therefore keep at most ``max_in_flight`` steps outstanding on CPU,
+waiting for the oldest step's outputs before returning from a new one; on GPU and
+TPU they never wait.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +47,33 @@ def _check_axis_name(step: Callable, axis_name: str) -> None:
         )
 
 
+def _bounded_in_flight(fn: Callable, devices, max_in_flight: int | None) -> Callable:
+    """``fn`` that waits for the call ``max_in_flight`` calls back before returning.
+
+    Only on CPU devices with more than one device (see the module docstring);
+    elsewhere, or with ``max_in_flight=None``, ``fn`` itself. Outputs donated to a
+    later call are skipped: that call's own outputs are waited for in their turn.
+    """
+    devices = list(devices)
+    if max_in_flight is None or len(devices) < 2 or devices[0].platform != "cpu":
+        return fn
+    if max_in_flight < 1:
+        raise ValueError(f"`max_in_flight` must be >= 1 or None, got {max_in_flight}.")
+    pending: collections.deque = collections.deque()
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        outputs = fn(*args, **kwargs)
+        pending.append(jax.tree.leaves(outputs))
+        if len(pending) > max_in_flight:
+            jax.block_until_ready([leaf for leaf in pending.popleft() if not leaf.is_deleted()])
+        return outputs
+
+    if hasattr(fn, "lower"):
+        run.lower = fn.lower  # ahead-of-time compilation, unthrottled
+    return run
+
+
 def data_mesh(devices=None, axis_name: str = "data") -> Mesh:
     """A one-dimensional mesh over ``devices`` (default: all devices)."""
     devices = jax.devices() if devices is None else devices
@@ -43,7 +81,12 @@ def data_mesh(devices=None, axis_name: str = "data") -> Mesh:
 
 
 def pmap_step(
-    step: Callable, *, axis_name: str = "batch", donate: bool = True, devices=None
+    step: Callable,
+    *,
+    axis_name: str = "batch",
+    donate: bool = True,
+    devices=None,
+    max_in_flight: int | None = 2,
 ) -> Callable:
     """Runs ``step(state, teacher_params, batch)`` with ``jax.pmap``.
 
@@ -52,6 +95,8 @@ def pmap_step(
       axis_name: the pmap axis name.
       donate: donate the (replicated) student state, argument 0.
       devices: local devices to map over (default: all local devices).
+      max_in_flight: on CPU devices, the most steps left running when a call
+        returns (see the module docstring); ``None`` never waits.
 
     Returns:
       A function taking a replicated state (:func:`replicate`), replicated teacher
@@ -59,13 +104,21 @@ def pmap_step(
       (:func:`split_for_pmap`); its outputs carry the same leading device axis.
     """
     _check_axis_name(step, axis_name)
-    return jax.pmap(
+    mapped = jax.pmap(
         step, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ()
+    )
+    return _bounded_in_flight(
+        mapped, jax.local_devices() if devices is None else devices, max_in_flight
     )
 
 
 def shard_step(
-    step: Callable, mesh: Mesh, *, axis_name: str | None = None, donate: bool = True
+    step: Callable,
+    mesh: Mesh,
+    *,
+    axis_name: str | None = None,
+    donate: bool = True,
+    max_in_flight: int | None = 2,
 ) -> Callable:
     """Runs ``step(state, teacher_params, batch)`` with ``jax.shard_map`` in ``jax.jit``.
 
@@ -74,11 +127,14 @@ def shard_step(
       mesh: a mesh whose ``axis_name`` axis splits the batch (:func:`data_mesh`).
       axis_name: the mesh axis; defaults to the mesh's only axis.
       donate: donate the student state, argument 0.
+      max_in_flight: on CPU devices, the most steps left running when a call
+        returns (see the module docstring); ``None`` never waits.
 
     Returns:
       A jitted function of global arrays: state and teacher params replicated
       (:func:`replicate_on_mesh`), the batch sharded along its leading axis
-      (:func:`shard_batch`). Outputs are replicated.
+      (:func:`shard_batch`). Outputs are replicated. Its ``lower`` gives the
+      jitted function's ahead-of-time lowering.
     """
     if axis_name is None:
         if len(mesh.axis_names) != 1:
@@ -94,7 +150,8 @@ def shard_step(
         out_specs=P(),
         check_vma=False,
     )
-    return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(mapped, donate_argnums=(0,) if donate else ())
+    return _bounded_in_flight(jitted, mesh.devices.flat, max_in_flight)
 
 
 def _check_divisible(batch: Mapping[str, Any], parts: int, what: str) -> None:

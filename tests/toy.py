@@ -18,13 +18,16 @@ class MLP(nn.Module):
     hidden: tuple[int, ...] = (16,)
     batch_norm: bool = False
     dropout_rate: float = 0.0
+    bn_axis_name: str | None = None  # synchronized BatchNorm over this axis
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         for width in self.hidden:
             x = nn.Dense(width)(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.9, axis_name=self.bn_axis_name
+                )(x)
             x = nn.relu(x)
             if self.dropout_rate:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
