@@ -41,6 +41,7 @@ from jaxkd._state import TrainState
 from jaxkd._step import make_eval_step, make_train_step, summarize_eval
 from jaxkd._teachers import (
     aggregate_teacher_logits,
+    ca_mkd_weights,
     multi_teacher_apply,
     stack_params,
     stacked_teacher_apply,
@@ -53,6 +54,7 @@ __all__ = [
     *losses.__all__,
     "accuracy",
     "aggregate_teacher_logits",
+    "ca_mkd_weights",
     "compiled_flops",
     "count_params",
     "cross_entropy_objective",

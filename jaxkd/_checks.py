@@ -87,37 +87,75 @@ def check_unit_interval(name: str, value, *, open_interval: bool = False) -> Non
             raise ValueError(f"`{name}` must lie in {interval}, got {number}.")
 
 
-def class_mask(where, logits_shape: tuple[int, ...], axis: int):
-    """Turns a ``where`` argument into a boolean mask of the logits' shape.
+def normalize_where(where, logits_shape: tuple[int, ...], axis: int):
+    """Validates a ``where`` mask and returns it in one of two canonical shapes.
 
-    Two shapes are accepted, and nothing else is broadcast:
+    Accepted, as optax takes them (numpy broadcasting without rank promotion):
 
-    * the logits' shape: a per-class mask (e.g. padded vocabulary entries);
-    * the logits' shape without ``axis``: a per-example mask (e.g. padded tokens),
-      expanded explicitly along ``axis``.
+    * a mask of the logits' rank whose every dimension equals the logits' or is 1,
+      e.g. ``[B, L, 1]`` or ``[1, 1, V]`` for logits ``[B, L, V]``;
+    * a mask of the logits' shape without ``axis`` (one entry per example).
 
     Args:
-      where: ``None`` or a boolean array of one of the two shapes above.
+      where: ``None`` or a boolean array as above.
       logits_shape: shape of the logits.
       axis: non-negative class axis.
 
     Returns:
-      ``None`` when ``where`` is ``None``, else a bool array of shape ``logits_shape``.
+      ``None`` when ``where`` is ``None``; an array of the logits' shape without
+      ``axis`` when the mask is per example (its class dimension, if any, is 1);
+      else a bool array of exactly ``logits_shape`` (a per-class mask).
+
+    Raises:
+      TypeError: ``where`` is not boolean.
+      ValueError: any other shape, naming it and the logits' shape.
     """
     if where is None:
         return None
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"`where` must be a boolean mask, got dtype {where.dtype}.")
+    logits_shape = tuple(logits_shape)
     example_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
-    if where.shape == tuple(logits_shape):
-        return where
     if where.shape == example_shape:
-        return jnp.broadcast_to(jnp.expand_dims(where, axis), logits_shape)
-    raise ValueError(
-        f"`where` has shape {where.shape}; expected the logits' shape {tuple(logits_shape)} "
-        f"(a per-class mask) or {example_shape} (a per-example mask)."
+        return where
+    broadcastable = where.ndim == len(logits_shape) and all(
+        size in (1, full) for size, full in zip(where.shape, logits_shape, strict=True)
     )
+    if not broadcastable:
+        per_example = logits_shape[:axis] + (1,) + logits_shape[axis + 1 :]
+        raise ValueError(
+            f"`where` has shape {where.shape}; expected the logits' shape {logits_shape} "
+            f"(a per-class mask), a shape of the same rank whose dimensions are those or 1 "
+            f"(broadcast, e.g. {per_example} per example), or {example_shape} (a "
+            f"per-example mask)."
+        )
+    if where.shape[axis] == 1:
+        return jnp.broadcast_to(jnp.squeeze(where, axis), example_shape)
+    return jnp.broadcast_to(where, logits_shape)
+
+
+def class_mask(where, logits_shape: tuple[int, ...], axis: int):
+    """Turns a ``where`` argument into a boolean mask of the logits' shape.
+
+    Accepts the shapes of :func:`normalize_where`: a per-example mask
+    (the logits' shape without ``axis``, or size 1 along ``axis``) is expanded along
+    ``axis``, so a masked example has every class masked; a mask of the logits' rank
+    is broadcast with ``jnp.broadcast_to``. A mask of any other rank or with a
+    dimension that is neither 1 nor the logits' raises ``ValueError``.
+
+    Args:
+      where: ``None`` or a boolean array.
+      logits_shape: shape of the logits.
+      axis: non-negative class axis.
+
+    Returns:
+      ``None`` when ``where`` is ``None``, else a bool array of shape ``logits_shape``.
+    """
+    where = normalize_where(where, logits_shape, axis)
+    if where is None or where.shape == tuple(logits_shape):
+        return where
+    return jnp.broadcast_to(jnp.expand_dims(where, axis), tuple(logits_shape))
 
 
 def check_labels(labels, logits_shape: tuple[int, ...], axis: int, where=None) -> None:
@@ -136,6 +174,7 @@ def check_labels(labels, logits_shape: tuple[int, ...], axis: int, where=None) -
         )
     if not is_concrete(labels) or (where is not None and not is_concrete(where)):
         return
+    where = normalize_where(where, logits_shape, axis)  # any accepted mask shape
     num_classes = logits_shape[axis]
     values = np.asarray(labels)
     kept_classes = None

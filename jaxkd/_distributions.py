@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import _checks
 
@@ -99,8 +100,12 @@ def log_softmax(logits, *, temperature=1.0, axis: int = -1, where=None) -> jax.A
       logits: float array ``[..., C]`` (class axis ``axis``).
       temperature: positive scalar ``T``; larger values give softer distributions.
       axis: the class axis.
-      where: optional bool mask, of the logits' shape (per class) or of the logits'
-        shape without ``axis`` (per example; a masked example is all ``-inf``).
+      where: optional bool mask. Either of the logits' rank with each dimension equal
+        to the logits' or 1 (broadcast as numpy does, without adding dimensions):
+        ``[B, C]`` masks classes, ``[1, C]`` the same classes in every example,
+        ``[B, 1]`` whole examples; or of the logits' shape without ``axis``, a
+        per-example mask (``[B, L]`` for ``[B, L, V]``). Masked classes get
+        ``-inf``; a masked example is all ``-inf``.
 
     Returns:
       float32 (or float64) array of the logits' shape.
@@ -161,22 +166,39 @@ def entropy(logits, *, temperature=1.0, axis: int = -1, where=None) -> jax.Array
     return -jnp.sum(jnp.where(present, jnp.exp(safe_log_p) * safe_log_p, 0.0), axis=axis)
 
 
-def standardize_logits(logits, *, axis: int = -1, where=None, epsilon: float = 1e-7):
+def standardize_logits(
+    logits, *, axis: int = -1, where=None, epsilon: float = 1e-7, ddof: int = 1
+) -> jax.Array:
     r"""Z-score logits along the class axis (logit standardization).
 
     .. math::
       \mathcal{Z}(z)_i = \frac{z_i - \bar z}{\sigma(z) + \epsilon}
 
-    with mean and (population) standard deviation over unmasked, finite classes.
-    Dividing the result by a base temperature and using it in any KD loss gives the
-    logit-standardized variant of that loss. Masked or ``-inf`` entries are returned
-    unchanged so that a later ``where`` (or the ``-inf``) still excludes them.
+    with the mean :math:`\bar z` and the standard deviation
+
+    .. math::
+      \sigma(z) = \sqrt{\frac{1}{n - \mathrm{ddof}} \sum_i (z_i - \bar z)^2}
+
+    over the :math:`n` unmasked, finite classes of each row. Dividing the result by a
+    base temperature and using it in any KD loss gives the logit-standardized variant
+    of that loss. Masked or ``-inf`` entries are returned unchanged so that a later
+    ``where`` (or the ``-inf``) still excludes them.
+
+    A constant row has :math:`\sigma = 0` and gives zeros. A row with
+    :math:`n \le \mathrm{ddof}` kept classes (for ``ddof=1``, a single class) has
+    no defined spread; its kept entries are 0 as well, never NaN or ``inf``, and
+    their gradients are 0.
 
     Args:
       logits: float array ``[..., C]``.
       axis: the class axis.
-      where: optional bool mask of the logits' shape or of the example shape.
+      where: optional bool mask, as in :func:`log_softmax`.
       epsilon: small constant added to the standard deviation.
+      ddof: delta degrees of freedom, a non-negative int: the squared deviations are
+        divided by ``n - ddof`` for ``n`` kept classes. ``1`` (the default) is the
+        Bessel-corrected sample standard deviation that the authors' code computes
+        (``torch.Tensor.std``); ``0`` is the population standard deviation, with
+        which each row has unit (population) standard deviation.
 
     Returns:
       float32 (or float64) array of the logits' shape.
@@ -186,15 +208,21 @@ def standardize_logits(logits, *, axis: int = -1, where=None, epsilon: float = 1
       CVPR 2024. https://arxiv.org/abs/2403.01427
     """
     _checks.check_floating("logits", logits)
+    if isinstance(ddof, bool) or not isinstance(ddof, int | np.integer) or ddof < 0:
+        raise ValueError(f"`ddof` must be a non-negative int, got {ddof!r}.")
     logits = _as_compute_dtype(logits)
     axis = _checks.normalize_axis(axis, logits.ndim)
     mask = _checks.class_mask(where, logits.shape, axis)
     valid = jnp.isfinite(logits) if mask is None else mask & jnp.isfinite(logits)
     safe = jnp.where(valid, logits, 0.0)
-    count = jnp.maximum(jnp.sum(valid, axis=axis, keepdims=True), 1)
-    mean = jnp.sum(safe, axis=axis, keepdims=True) / count
+    count = jnp.sum(valid, axis=axis, keepdims=True)
+    mean = jnp.sum(safe, axis=axis, keepdims=True) / jnp.maximum(count, 1)
     centered = jnp.where(valid, safe - mean, 0.0)
-    variance = jnp.sum(centered**2, axis=axis, keepdims=True) / count
+    # n - ddof <= 0: no defined spread; those rows give 0 (see the docstring).
+    defined = count > int(ddof)
+    dof = jnp.where(defined, count - int(ddof), 1).astype(logits.dtype)
+    variance = jnp.where(defined, jnp.sum(centered**2, axis=axis, keepdims=True) / dof, 0.0)
     # sqrt has an infinite derivative at 0: keep constant rows' gradients finite.
     std = jnp.where(variance > 0, jnp.sqrt(jnp.where(variance > 0, variance, 1.0)), 0.0)
-    return jnp.where(valid, centered / (std + epsilon), logits)
+    standardized = jnp.where(defined, centered / (std + epsilon), 0.0)
+    return jnp.where(valid, standardized, logits)

@@ -205,20 +205,35 @@ LABEL_CASES = [
 ]
 
 WHERE_CASES = [
+    # A mask of rank ndim - 1 must be exactly the per-example shape: (3,) is not (2,).
     pytest.param(
         _kl(where=np.ones((3,), bool)),
         ValueError,
         re.escape(
-            "`where` has shape (3,); expected the logits' shape (2, 3) (a per-class mask) "
-            "or (2,) (a per-example mask)."
+            "`where` has shape (3,); expected the logits' shape (2, 3) (a per-class mask), "
+            "a shape of the same rank whose dimensions are those or 1 (broadcast, e.g. "
+            "(2, 1) per example), or (2,) (a per-example mask)."
         ),
         id="kl_divergence-where-third-shape",
     ),
+    # (1, 3) broadcasts and is accepted (below); (2, 2) and (3, 1) do not broadcast.
     pytest.param(
-        lambda: jaxkd.softmax(STUDENT, where=np.ones((1, 3), bool)),
+        lambda: jaxkd.softmax(STUDENT, where=np.ones((2, 2), bool)),
         ValueError,
-        re.escape("`where` has shape (1, 3); expected the logits' shape (2, 3)"),
-        id="softmax-where-broadcastable-shape",
+        re.escape("`where` has shape (2, 2); expected the logits' shape (2, 3)"),
+        id="softmax-where-unbroadcastable-shape",
+    ),
+    pytest.param(
+        lambda: jaxkd.entropy(STUDENT, where=np.ones((3, 1), bool)),
+        ValueError,
+        re.escape("`where` has shape (3, 1); expected the logits' shape (2, 3)"),
+        id="entropy-where-unbroadcastable-example-mask",
+    ),
+    pytest.param(
+        lambda: jaxkd.standardize_logits(STUDENT, where=np.ones((1, 2, 3), bool)),
+        ValueError,
+        re.escape("`where` has shape (1, 2, 3); expected the logits' shape (2, 3)"),
+        id="standardize_logits-where-extra-leading-axis",
     ),
     pytest.param(
         _hinton(where=np.ones((2, 3, 1), bool)),
@@ -253,8 +268,8 @@ WHERE_CASES = [
     pytest.param(
         lambda: jaxkd.masked_mean(np.zeros((2, 3)), np.ones((3,), bool)),
         ValueError,
-        re.escape("`values` (2, 3), `where` (3,)"),
-        id="masked_mean-where-broadcastable-shape",
+        re.escape("`where` has shape (3,); expected the values' shape (2, 3)"),
+        id="masked_mean-where-rank-change",
     ),
     pytest.param(
         lambda: jaxkd.masked_mean(np.zeros((2, 3)), np.ones((2, 3), np.float32)),
@@ -461,6 +476,28 @@ def test_padding_labels_of_masked_examples_are_accepted():
         values = np.asarray(loss())
         assert np.isfinite(values[0])
         assert values[1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "where, kept",
+    [
+        # Same rank, dimensions equal or 1: broadcast as numpy does, without adding axes.
+        (np.array([[True, False, True]]), np.array([[True, False, True], [True, False, True]])),
+        (np.array([[True], [False]]), np.array([[True] * 3, [False] * 3])),
+        (np.array([[False]]), np.zeros((2, 3), bool)),
+    ],
+    ids=["1xC-classes", "Bx1-examples", "1x1-everything"],
+)
+def test_broadcastable_where_is_accepted_and_equals_the_broadcast_mask(where, kept):
+    student = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, -3.0]], np.float32)
+    for name, loss in {
+        "softmax": lambda w: jaxkd.softmax(student, where=w),
+        "entropy": lambda w: jaxkd.entropy(student, where=w),
+        "standardize_logits": lambda w: jaxkd.standardize_logits(student, where=w),
+        "kl_divergence": lambda w: jaxkd.kl_divergence(student, TEACHER, where=w),
+        "logit_mse": lambda w: jaxkd.logit_mse(student, TEACHER, where=w),
+    }.items():
+        np.testing.assert_array_equal(loss(where), loss(kept), err_msg=name)
 
 
 def test_traced_labels_are_accepted_under_jit():

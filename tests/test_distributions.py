@@ -6,12 +6,12 @@ References (float64 numpy, in ``_reference.py`` and below):
   Neural Network", 2015: ``p_i = exp(z_i / T) / sum_j exp(z_j / T)``.
 * ``entropy``: Shannon entropy in nats, ``H(p) = -sum_i p_i log p_i``, ``0 log 0 = 0``.
 * ``standardize_logits``: Sun, Ren, Li, Wang and Cao, "Logit Standardization in Knowledge
-  Distillation", CVPR 2024: ``Z(z) = (z - mean(z)) / (std(z) + eps)`` per row, with the
-  population standard deviation ``std(z) = sqrt(mean((z - mean(z))**2))`` as in the
-  paper's definition, so that each row has mean 0 and standard deviation 1. (The
-  authors' PyTorch code calls ``Tensor.std``, which is the sample standard deviation: its
-  rows are ``sqrt((C - 1) / C)`` times these, the same as a slightly different base
-  temperature.)
+  Distillation", CVPR 2024: ``Z(z) = (z - mean(z)) / (std(z) + eps)`` per row, with
+  ``std(z) = sqrt(sum((z - mean(z))**2) / (n - ddof))`` over the ``n`` kept classes.
+  ``ddof=1`` (the default) is the Bessel-corrected sample standard deviation of the
+  authors' PyTorch code (``Tensor.std``); ``ddof=0`` the population standard deviation,
+  with which each row has mean 0 and standard deviation 1. The two differ by the factor
+  ``sqrt((n - 1) / n)``, the same as a slightly different base temperature.
 """
 
 import _reference as ref
@@ -29,11 +29,14 @@ import jaxkd
 EPSILON = 1e-7  # standardize_logits' default epsilon
 
 
-def standardize_reference(logits, epsilon: float = EPSILON, axis: int = -1) -> np.ndarray:
+def standardize_reference(
+    logits, epsilon: float = EPSILON, axis: int = -1, ddof: int = 1
+) -> np.ndarray:
     """Sun et al. (2024), the Z-score: ``(z - mean) / (std + eps)`` along ``axis``."""
     z = np.asarray(logits, np.float64)
-    mean = np.mean(z, axis=axis, keepdims=True)
-    std = np.sqrt(np.mean((z - mean) ** 2, axis=axis, keepdims=True))
+    n = z.shape[axis]
+    mean = np.sum(z, axis=axis, keepdims=True) / n
+    std = np.sqrt(np.sum((z - mean) ** 2, axis=axis, keepdims=True) / (n - ddof))
     return (z - mean) / (std + epsilon)
 
 
@@ -67,11 +70,25 @@ def test_entropy_matches_reference(shape, temperature):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ddof", [0, 1])
 @pytest.mark.parametrize("shape", ref.SHAPES, ids=str)
-def test_standardize_logits_matches_reference(shape):
+def test_standardize_logits_matches_reference(shape, ddof):
     logits = ref.random_logits(3, shape) + 5.0
-    got = jaxkd.standardize_logits(logits)
-    np.testing.assert_allclose(got, standardize_reference(logits), rtol=1e-5, atol=1e-5)
+    got = jaxkd.standardize_logits(logits, ddof=ddof)
+    want = standardize_reference(logits, ddof=ddof)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_standardize_logits_default_is_the_sample_std_of_the_authors_code():
+    # torch.Tensor.std is Bessel-corrected, numpy's std(ddof=1).
+    logits = ref.random_logits(4, (4, 7)).astype(np.float64)
+    centered = logits - logits.mean(-1, keepdims=True)
+    want = centered / (np.std(logits, axis=-1, ddof=1, keepdims=True) + EPSILON)
+    np.testing.assert_allclose(jaxkd.standardize_logits(logits), want, rtol=1e-5, atol=1e-6)
+    population = jaxkd.standardize_logits(logits, ddof=0)
+    np.testing.assert_allclose(
+        jaxkd.standardize_logits(logits), np.sqrt(6 / 7) * population, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("epsilon", [1e-7, 0.5])
@@ -79,6 +96,37 @@ def test_standardize_logits_epsilon_is_added_to_the_std(epsilon):
     logits = ref.random_logits(4, (4, 7))
     got = jaxkd.standardize_logits(logits, epsilon=epsilon)
     np.testing.assert_allclose(got, standardize_reference(logits, epsilon), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ddof", [0, 1, 2])
+def test_standardize_logits_with_masks_and_too_few_classes(ddof):
+    # Each row keeps a different number n of classes (by where and by -inf): rows with
+    # n > ddof match the reference on the kept classes; rows with n <= ddof (no defined
+    # spread) give 0 there, finite values and finite gradients, never NaN or inf.
+    logits = ref.random_logits(26, (5, 6))
+    kept_counts = [6, 4, 3, 2, 1]
+    where = np.arange(6) < np.array(kept_counts)[:, None]
+    logits[2, 2] = -np.inf  # one kept class of row 2 is -inf: n = 2 there
+    got = np.asarray(jaxkd.standardize_logits(logits, where=where, ddof=ddof))
+    for row, kept in enumerate(where & np.isfinite(logits)):
+        n = int(kept.sum())
+        if n > ddof:
+            want = standardize_reference(logits[row, kept], ddof=ddof)
+            np.testing.assert_allclose(got[row, kept], want, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got[row, kept], 0.0)
+        np.testing.assert_array_equal(got[row, ~kept], logits[row, ~kept])
+    weights = ref.random_logits(27, (5, 6))
+    grad = jax.grad(
+        lambda z: jnp.sum(weights * jaxkd.standardize_logits(z, where=where, ddof=ddof))
+    )(logits)
+    chex.assert_tree_all_finite(grad)
+
+
+@pytest.mark.parametrize("ddof", [-1, 1.0, True, None])
+def test_standardize_logits_refuses_a_bad_ddof(ddof):
+    with pytest.raises(ValueError, match="`ddof` must be a non-negative int"):
+        jaxkd.standardize_logits(np.zeros((2, 3), np.float32), ddof=ddof)
 
 
 # Identities.
@@ -123,12 +171,13 @@ def test_entropy_grows_with_temperature():
     assert np.all(np.diff(np.stack(values), axis=0) > 0)
 
 
+@pytest.mark.parametrize("ddof", [0, 1])
 @pytest.mark.parametrize("shape", ref.SHAPES, ids=str)
-def test_standardized_rows_have_zero_mean_and_unit_std(shape):
+def test_standardized_rows_have_zero_mean_and_unit_std(shape, ddof):
     logits = 7.0 * ref.random_logits(10, shape) - 3.0
-    got = np.asarray(jaxkd.standardize_logits(logits), np.float64)
+    got = np.asarray(jaxkd.standardize_logits(logits, ddof=ddof), np.float64)
     np.testing.assert_allclose(np.mean(got, axis=-1), 0.0, atol=1e-6)
-    np.testing.assert_allclose(np.std(got, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.std(got, axis=-1, ddof=ddof), 1.0, rtol=1e-5)
 
 
 def test_standardize_logits_is_invariant_to_row_shift_and_positive_scale():
@@ -199,6 +248,35 @@ def test_per_example_mask_equals_slicing():
         values[where], jaxkd.entropy(logits[where], temperature=2.0), rtol=1e-6
     )
     np.testing.assert_array_equal(values[~where], 0.0)
+
+
+@pytest.mark.parametrize(
+    "function",
+    [jaxkd.softmax, jaxkd.log_softmax, jaxkd.entropy, jaxkd.standardize_logits],
+    ids=lambda f: f.__name__,
+)
+def test_broadcast_masks_equal_their_full_shape(function):
+    # [B, L, 1] == [B, L] (per token) == the [B, L, V] broadcast; [1, 1, V] == its
+    # broadcast (per class): the same values and gradients.
+    logits = ref.random_logits(28, (2, 3, 7))
+    token = ref.TOKEN_WHERE
+    keep = np.array([True, False, True, True, False, True, True])
+    weights = ref.random_logits(29, function(logits).shape)
+
+    def value_and_grad(where):
+        def total(z):
+            values = function(z, where=where)
+            return jnp.sum(jnp.where(jnp.isfinite(values), weights * values, 0.0))
+
+        return function(logits, where=where), jax.grad(total)(logits)
+
+    for masks in (
+        (token[..., None], token, np.broadcast_to(token[..., None], logits.shape)),
+        (keep[None, None], np.broadcast_to(keep, logits.shape)),
+    ):
+        first = value_and_grad(masks[0])
+        for mask in masks[1:]:
+            chex.assert_trees_all_equal(value_and_grad(mask), first)
 
 
 def test_neg_inf_logits_equal_slicing():
@@ -404,4 +482,5 @@ def test_property_distributions_match_reference(logits, temperature):
     atol = 1e-6 + 16 * np.finfo(np.float32).eps * conditioning
     np.testing.assert_allclose(standardized, standardize_reference(logits), rtol=1e-5, atol=atol)
     np.testing.assert_allclose(standardized.mean(axis=-1), 0.0, atol=atol)
-    np.testing.assert_allclose(standardized.std(axis=-1), 1.0, rtol=1e-5, atol=atol)
+    # The default ddof=1: unit sample standard deviation.
+    np.testing.assert_allclose(standardized.std(axis=-1, ddof=1), 1.0, rtol=1e-5, atol=atol)

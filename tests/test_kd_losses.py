@@ -537,3 +537,26 @@ def test_property_losses_match_reference_and_are_nonnegative(
         want = dist_reference(teacher, teacher, temperature)
         np.testing.assert_allclose(at_equality, want, rtol=1e-4, atol=100 * atol)
     assert np.all(np.asarray(got) >= -8 * atol)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "hinton", "dkd"])
+def test_labelled_losses_take_broadcastable_masks(loss):
+    rng = np.random.default_rng(7)
+    student = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    teacher = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(2, 3)).astype(np.int32)
+    mask = np.array([[True, False, True], [False, True, True]])
+    labels = np.where(mask, labels, -100)  # padding labels on masked tokens
+    fns = {
+        "cross_entropy": lambda w: jaxkd.cross_entropy_with_integer_labels(
+            student, labels, where=w
+        ),
+        "hinton": lambda w: jaxkd.hinton_loss(
+            student, teacher, labels, alpha=0.5, temperature=2.0, where=w
+        ),
+        "dkd": lambda w: jaxkd.dkd_loss(student, teacher, labels, where=w),
+    }
+    per_token = fns[loss](mask)
+    np.testing.assert_array_equal(fns[loss](mask[..., None]), per_token)
+    np.testing.assert_array_equal(per_token[~mask], 0.0)
+    assert np.isfinite(per_token).all()
