@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from jaxkd import _checks
 from jaxkd._distributions import masked_logsumexp, prepare_logits, scaled_log_softmax
-from jaxkd._divergences import kl_divergence, kl_terms, softened_log_probs
+from jaxkd._divergence_terms import kl_terms
+from jaxkd._divergences import kl_divergence, softened_log_probs
 from jaxkd._reductions import gather_examples
 
 
