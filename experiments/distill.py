@@ -1,12 +1,17 @@
 """Teacher, student from scratch and distilled student on one dataset.
 
-    python -m experiments.distill --config=experiments/configs/mnist1d.py --workdir=/tmp/kd
-    python -m experiments.distill --config=experiments/configs/digits.py:quick --workdir=/tmp/kd
+    .venv/bin/python -m experiments.distill --config=experiments/configs/mnist1d.py \\
+        --workdir=/tmp/kd
+    .venv/bin/python -m experiments.distill --config=experiments/configs/digits.py:quick \\
+        --workdir=/tmp/kd
 
 Config fields can be overridden on the command line, e.g.
 ``--config.distill.temperature=2 --config.seeds=0,1``. Re-running with the same
-workdir resumes unfinished runs from their checkpoints and reuses finished ones.
-With ``--distributed`` every process of a multi-host job calls
+workdir resumes unfinished runs from their checkpoints and reuses finished ones;
+a run made with other values of the fields it depends on is refused (exit status
+2, naming the fields) unless ``--overwrite`` deletes it and trains it again.
+Ctrl-C stops at the next step with a checkpoint (exit status 130): the same
+command resumes. With ``--distributed`` every process of a multi-host job calls
 ``jax.distributed.initialize()`` and reads its own shard of each batch.
 """
 
@@ -28,6 +33,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Delete and train again the workdir's runs made with other values of the config "
+    "fields they depend on (without it, such runs stop the command with an error).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,14 +56,22 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     from experiments import train
+    from experiments.errors import ExperimentError
+    from experiments.interrupt import Interrupted
 
-    config = _CONFIG.value
     try:
-        train.validate_config(config, jax.device_count())
-    except ValueError as error:
+        results = train.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value
+        )
+    except ExperimentError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
-    results = train.train_and_evaluate(config, _WORKDIR.value)
+    except Interrupted as error:
+        print(f"\n{error}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     if jax.process_index() == 0:
         with open(os.path.join(_WORKDIR.value, "results.md")) as f:
             print(f.read())

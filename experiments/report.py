@@ -1,23 +1,31 @@
-"""The results table (markdown and JSON) and training-curve plots of a workdir."""
+"""The results table (markdown and JSON) and training-curve plots of a workdir.
+
+Every column but the validation accuracy is measured on the test split. The KL
+column is the plain ``KL(teacher || student)`` of the T=1 distributions (no T^2
+factor), whatever temperature the student was distilled at.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from experiments import jsonfiles
+
 # (column title, result key, format). Mean +- std over seeds where it varies.
 COLUMNS = (
+    ("validation accuracy", "validation_accuracy", "{:.4f}"),
     ("test accuracy", "accuracy", "{:.4f}"),
     ("agreement w/ teacher", "agreement", "{:.4f}"),
-    ("KL(teacher ‖ student) at T", "kl", "{:.4f}"),
+    ("KL(teacher ‖ student) at T=1", "kl", "{:.4f}"),
     ("student entropy", "student_entropy", "{:.3f}"),
     ("teacher entropy", "teacher_entropy", "{:.3f}"),
     ("params", "params", "{:,.0f}"),
     ("FLOPs/example", "flops_per_example", "{:,.0f}"),
+    ("compile time (s)", "compile_time_s", "{:.1f}"),
     ("train time (s)", "train_time_s", "{:.1f}"),
     ("inference (ex/s)", "throughput", "{:,.0f}"),
 )
@@ -37,7 +45,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         entry = {"model": rows[0]["model"], "seeds": [r["seed"] for r in rows]}
         for _, key, _ in COLUMNS:
-            values = np.asarray([r.get(key, np.nan) for r in rows], np.float64)
+            # None: not measured (written as null in strict JSON).
+            values = np.asarray([_number(r.get(key)) for r in rows], np.float64)
             entry[key] = {
                 "mean": float(np.mean(values)),
                 "std": float(np.std(values)),
@@ -45,6 +54,10 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             }
         summary[kind] = entry
     return summary
+
+
+def _number(value) -> float:
+    return np.nan if value is None else float(value)
 
 
 def format_mean_std(stats: dict[str, Any], fmt: str = "{:.4f}") -> str:
@@ -67,15 +80,8 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_curves(workdir: str, seeds: Sequence[int], path: str) -> None:
-    """Train loss and test accuracy against steps for every run and seed."""
+    """Train loss and validation (or, without one, test) accuracy against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +91,12 @@ def plot_curves(workdir: str, seeds: Sequence[int], path: str) -> None:
     colors = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
     for kind, color in colors.items():
         for index, seed in enumerate(seeds):
-            records = _read_jsonl(os.path.join(workdir, f"seed_{seed}", kind, "metrics.jsonl"))
+            metrics = os.path.join(workdir, f"seed_{seed}", kind, "metrics.jsonl")
+            records = jsonfiles.read_lines(metrics)
             train = [r for r in records if r["split"] == "train"]
-            test = [r for r in records if r["split"] == "test"]
+            splits = {r["split"] for r in records}
+            shown = "validation" if "validation" in splits else "test"
+            test = [r for r in records if r["split"] == shown]
             label = RUN_TITLES[kind] if index == 0 else None
             if train:
                 loss_ax.plot(
@@ -112,7 +121,7 @@ def plot_curves(workdir: str, seeds: Sequence[int], path: str) -> None:
         yscale="log",
         title="training loss (per run's own objective)",
     )
-    acc_ax.set(xlabel="step", ylabel="test accuracy", title="test accuracy")
+    acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy (validation split if any)")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -121,8 +130,33 @@ def plot_curves(workdir: str, seeds: Sequence[int], path: str) -> None:
     plt.close(fig)
 
 
-def write_report(results: Sequence[dict[str, Any]], config, workdir: str) -> str:
-    """Writes results.md, results.json and training_curves.png; returns the table."""
+def data_note(data_sizes: Mapping[str, int], validation_fraction: float, *, kl: bool = True) -> str:
+    """One sentence on the splits (their sizes, where the validation split comes from)
+    and, with ``kl``, on the KL column."""
+    sizes = " / ".join(f"{size:,} {split}" for split, size in data_sizes.items())
+    held_out = (
+        f"the validation split is a seeded {validation_fraction:.0%} of the training split; "
+        if "validation" in data_sizes
+        else ""
+    )
+    note = (
+        f"Examples: {sizes}; {held_out}every column but the validation accuracy is "
+        "measured on the test split"
+    )
+    return note + ("; KL(teacher ‖ student) is that of the T=1 distributions." if kl else ".")
+
+
+def write_report(
+    results: Sequence[dict[str, Any]],
+    config,
+    workdir: str,
+    data_sizes: Mapping[str, int] | None = None,
+) -> str:
+    """Writes results.md, results.json (strict JSON) and training_curves.png.
+
+    Returns:
+      The title, the note on the data (with ``data_sizes``) and the table.
+    """
     summary = summarize(results)
     table = markdown_table(summary)
     seeds = sorted({r["seed"] for r in results})
@@ -131,9 +165,11 @@ def write_report(results: Sequence[dict[str, Any]], config, workdir: str) -> str
         f"T={config.distill.temperature}, alpha={config.distill.alpha}, "
         f"{config.steps} student steps, seeds {seeds}"
     )
+    note = data_note(data_sizes, config.validation_fraction) if data_sizes else ""
+    text = "\n\n".join(part for part in (title, note, table) if part)
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(f"# {title}\n\n{table}\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"title": title, "summary": summary, "runs": list(results)}, f, indent=2)
+        f.write(f"# {text}\n")
+    record = {"title": title, "examples": dict(data_sizes or {}), "summary": summary}
+    jsonfiles.write(os.path.join(workdir, "results.json"), {**record, "runs": list(results)})
     plot_curves(workdir, seeds, os.path.join(workdir, "training_curves.png"))
-    return f"{title}\n\n{table}"
+    return text

@@ -4,22 +4,33 @@ For every seed of the config, the runner trains (or, when its final checkpoint
 exists, loads) a teacher, then trains the same student twice with the same
 initialization, data order, steps and optimizer: once on the labels alone and
 once with the distillation objective against the frozen teacher. Every run is
-checkpointed with its data position and resumes exactly where it stopped.
+checkpointed with its data position and resumes exactly where it stopped; in a
+single-process run Ctrl-C stops it at the next step with a checkpoint
+(:mod:`experiments.interrupt`). A run records the config
+fields it depends on (:mod:`experiments.run_config`) and is reused only while
+they stay the same.
+
+The training split loses a seeded ``validation_fraction`` of its examples to a
+validation split (:func:`experiments.data.validation_split`), which no run trains
+on; every run is evaluated on it and on the test split. Each run's train step is
+compiled ahead of time, before the timer starts: ``compile_time_s`` is the
+compilation, ``train_time_s`` the steps and their data loading (no evaluation or
+checkpoints).
 
 The step runs data-parallel over all devices with :func:`jaxkd.shard_step`; on a
 multi-host system each process loads its own slice of every global batch.
 
 Workdir layout::
 
-    WORKDIR/seed_<s>/<run>/checkpoints/   Orbax checkpoints (state + loader position)
-    WORKDIR/seed_<s>/<run>/metrics.jsonl  train and eval records
-    WORKDIR/seed_<s>/<run>/result.json    final evaluation, size, FLOPs, times
+    WORKDIR/seed_<s>/<run>/run_config.json  the config fields the run depends on
+    WORKDIR/seed_<s>/<run>/checkpoints/     Orbax checkpoints (state + loader position)
+    WORKDIR/seed_<s>/<run>/metrics.jsonl    train and eval records
+    WORKDIR/seed_<s>/<run>/result.json      final evaluation, size, FLOPs, times
     WORKDIR/results.md, results.json, training_curves.png
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -32,64 +43,13 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxkd
-from experiments import data, models
+from experiments import data, jsonfiles, models, run_config
 from experiments.checkpointing import RunCheckpointer
+from experiments.checks import check_workdir, validate_config
+from experiments.interrupt import Interrupted, StopOnInterrupt
+from experiments.interrupt import message as interrupt_message
 
 RUNS = ("teacher", "scratch", "distilled")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
-
-
-# Configuration checks ---------------------------------------------------------
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ``ValueError`` naming the field for any value the run cannot use.
-
-    Runs before any data is built or any model trained.
-    """
-
-    def fail(message):
-        raise ValueError(f"Bad config: {message}")
-
-    if config.dataset not in data.DATASETS:
-        fail(f"dataset={config.dataset!r} is unknown; known: {sorted(data.DATASETS)}.")
-    for role in ("teacher", "student"):
-        name = config[role].model
-        if name not in models.MODEL_NAMES:
-            fail(f"{role}.model={name!r} is unknown; known: {list(models.MODEL_NAMES)}.")
-    for field in ("batch_size", "eval_batch_size"):
-        size = config[field]
-        if size <= 0 or size % num_devices:
-            fail(f"{field}={size} must be a positive multiple of the {num_devices} devices.")
-        if size % jax.process_count():
-            fail(f"{field}={size} must divide over {jax.process_count()} processes.")
-    for field in ("steps", "teacher.steps"):
-        value = config.teacher.steps if field == "teacher.steps" else config.steps
-        if value <= 0:
-            fail(f"{field}={value} must be positive.")
-    for field in ("eval_every", "log_every"):
-        if config[field] <= 0:
-            fail(f"{field}={config[field]} must be positive.")
-    if config.checkpoint_every < 0:
-        fail(f"checkpoint_every={config.checkpoint_every} must be >= 0 (0: final only).")
-    if not config.distill.temperature > 0:
-        fail(f"distill.temperature={config.distill.temperature} must be > 0.")
-    if not 0.0 <= config.distill.alpha <= 1.0:
-        fail(f"distill.alpha={config.distill.alpha} must lie in [0, 1].")
-    if config.optimizer not in OPTIMIZERS:
-        fail(f"optimizer={config.optimizer!r} is unknown; known: {OPTIMIZERS}.")
-    if config.schedule not in SCHEDULES:
-        fail(f"schedule={config.schedule!r} is unknown; known: {SCHEDULES}.")
-    if not config.seeds:
-        fail("seeds is empty.")
-    # The objective checks its own loss name and arguments.
-    jaxkd.distillation_objective(
-        config.distill.loss,
-        alpha=config.distill.alpha,
-        temperature=config.distill.temperature,
-        **config.distill.loss_kwargs,
-    )
 
 
 # Building blocks --------------------------------------------------------------
@@ -107,7 +67,8 @@ def make_optimizer(config, *, steps: int, learning_rate: float) -> optax.Gradien
     else:
         schedule = optax.constant_schedule(learning_rate)
     if config.optimizer == "sgd":
-        optimizer = optax.sgd(schedule, momentum=0.9, nesterov=True)
+        momentum = config.momentum or None  # 0: plain SGD
+        optimizer = optax.sgd(schedule, momentum=momentum, nesterov=momentum is not None)
         if config.weight_decay:
             optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay), optimizer)
         return optimizer
@@ -143,20 +104,11 @@ def _host(tree) -> dict[str, float]:
     return {key: float(value) for key, value in jax.device_get(tree).items()}
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops records written after ``last_step`` (they will be written again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    with open(path, "w") as f:
-        for record in records:
-            if record["step"] <= last_step:
-                f.write(json.dumps(record) + "\n")
-
-
 class Experiment:
     """Data, mesh and settings shared by the runs of one config.
+
+    Loading the data checks that every label lies in ``[0, num_classes)`` and
+    carves the validation split out of the training split.
 
     Args:
       config: a validated experiment config.
@@ -170,14 +122,34 @@ class Experiment:
         self.mesh = jaxkd.data_mesh()
         self.is_chief = jax.process_index() == 0
         self._eval_steps: dict[tuple, Callable] = {}
-        self._train_steps: dict[tuple, tuple] = {}
-        dataset_kwargs = dict(config.dataset_kwargs)
-        self.train_arrays = data.load_split(
-            config.dataset, self.spec.train_split, config.data_dir, **dataset_kwargs
+        splits = {"train": self.spec.train_split, "test": self.spec.eval_split}
+        loaded = {
+            name: data.load_split(
+                config.dataset, split, config.data_dir, **dict(config.dataset_kwargs)
+            )
+            for name, split in splits.items()
+        }
+        for name, arrays in loaded.items():
+            data.check_labels(
+                arrays["label"], self.spec.num_classes, split=f"{config.dataset}/{splits[name]}"
+            )
+        train, validation = data.validation_split(
+            len(loaded["train"]["label"]),
+            fraction=config.validation_fraction,
+            seed=config.validation_seed,
         )
-        self.test_arrays = data.load_split(
-            config.dataset, self.spec.eval_split, config.data_dir, **dataset_kwargs
-        )
+        self.train_arrays = data.take(loaded["train"], train)
+        # Evaluated splits, by report name; validation first, as it is read first.
+        self.eval_arrays = {"test": loaded["test"]}
+        if len(validation):
+            self.eval_arrays = {
+                "validation": data.take(loaded["train"], validation),
+                **self.eval_arrays,
+            }
+        self.data_sizes = {
+            name: len(arrays["label"])
+            for name, arrays in {"train": self.train_arrays, **self.eval_arrays}.items()
+        }
 
     def model(self, role: str):
         kwargs = dict(self.config[role].model_kwargs)
@@ -190,45 +162,57 @@ class Experiment:
             self.train_arrays, global_batch_size=self.config.batch_size, seed=seed
         )
 
-    def train_step(self, kind, model, objective, teacher_apply, *, steps, learning_rate):
-        """``(optimizer, compiled train step)`` of a run kind, built once for all seeds."""
-        key = (kind, model, objective, teacher_apply, steps, learning_rate)
-        if key not in self._train_steps:
-            optimizer = make_optimizer(self.config, steps=steps, learning_rate=learning_rate)
-            # Only the distilled student runs the teacher while training; the others
-            # see it in evaluation alone (agreement, KL).
-            train_teacher = teacher_apply if kind == "distilled" else None
-            step = jaxkd.make_train_step(
-                jaxkd.linen_apply(model), train_teacher, objective, optimizer, axis_name="data"
-            )
-            self._train_steps[key] = (optimizer, jaxkd.shard_step(step, self.mesh))
-        return self._train_steps[key]
+    def rundir(self, kind: str, seed: int) -> str:
+        return os.path.join(self.workdir, f"seed_{seed}", kind)
 
-    def eval_step(self, model, teacher_apply, temperature: float) -> Callable:
+    def run_fields(
+        self, kind: str, seed: int, config: ml_collections.ConfigDict | None = None
+    ) -> dict[str, Any]:
+        """The fields run ``kind`` of ``seed`` depends on (of ``config``, default the
+        experiment's); see :mod:`experiments.run_config`."""
+        return run_config.run_fields(config or self.config, kind, seed, self.data_sizes)
+
+    def check_runs(self, planned: dict[str, dict[str, Any]], *, overwrite: bool) -> None:
+        """Refuses (or, with ``overwrite``, deletes) planned ``{rundir: fields}`` runs
+        that were made with other fields; see :func:`run_config.check_runs`."""
+        run_config.check_runs(planned, self.workdir, overwrite=overwrite)
+
+    def train_step(self, kind, model, objective, teacher_apply, *, steps, learning_rate):
+        """``(optimizer, jitted train step)`` of one run.
+
+        Built afresh for every run, so that every run compiles its own step and
+        reports what compiling it cost.
+        """
+        optimizer = make_optimizer(self.config, steps=steps, learning_rate=learning_rate)
+        # Only the distilled student runs the teacher while training; the others
+        # see it in evaluation alone (agreement, KL).
+        train_teacher = teacher_apply if kind == "distilled" else None
+        step = jaxkd.make_train_step(
+            jaxkd.linen_apply(model), train_teacher, objective, optimizer, axis_name="data"
+        )
+        return optimizer, jaxkd.shard_step(step, self.mesh)
+
+    def eval_step(self, model, teacher_apply) -> Callable:
         """The (compiled once, then reused) eval step of ``model`` against a teacher.
 
-        ``temperature`` is that of the reported ``T^2 KL(teacher || student)``.
+        Its ``kl`` is ``KL(teacher || student)`` of the plain (T=1) distributions,
+        whatever temperature the run trained with.
         """
-        key = (model, teacher_apply, float(temperature))
+        key = (model, teacher_apply)
         if key not in self._eval_steps:
             self._eval_steps[key] = jaxkd.shard_step(
                 jaxkd.make_eval_step(
-                    jaxkd.linen_apply(model),
-                    teacher_apply,
-                    axis_name="data",
-                    temperature=temperature,
+                    jaxkd.linen_apply(model), teacher_apply, axis_name="data", temperature=1.0
                 ),
                 self.mesh,
                 donate=False,
             )
         return self._eval_steps[key]
 
-    def evaluate(self, evaluate: Callable, state, teacher_params) -> dict[str, float]:
-        """Summed eval metrics over the whole test split, as means."""
+    def evaluate(self, evaluate: Callable, state, teacher_params, arrays) -> dict[str, float]:
+        """Summed eval metrics over a whole split's ``arrays``, as means."""
         totals = None
-        for batch in data.eval_batches(
-            self.test_arrays, global_batch_size=self.config.eval_batch_size
-        ):
+        for batch in data.eval_batches(arrays, global_batch_size=self.config.eval_batch_size):
             sums = evaluate(state, teacher_params, jaxkd.shard_batch(batch, self.mesh))
             totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
         return jaxkd.summarize_eval(jax.device_get(totals))
@@ -244,7 +228,7 @@ class Experiment:
         learning_rate: float,
         teacher: tuple[Any, Any] | None = None,
         rundir: str | None = None,
-        eval_temperature: float | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], jaxkd.TrainState]:
         """Trains one model to ``steps``, resuming from its last checkpoint.
 
@@ -257,15 +241,24 @@ class Experiment:
           learning_rate: peak learning rate.
           teacher: ``(teacher_apply, teacher_variables)`` for distillation, or None.
           rundir: the run's directory; default ``WORKDIR/seed_<seed>/<kind>``.
-          eval_temperature: temperature of the reported KL; default the config's.
+          fields: the config fields the run depends on; default :meth:`run_fields`.
 
         Returns:
           ``(result, state)``: the final result record and TrainState.
+
+        Raises:
+          run_config.StaleRunError: ``rundir`` holds a run made with other fields.
+          Interrupted: on SIGINT, after saving a checkpoint at the last finished step.
         """
         config = self.config
-        rundir = rundir or os.path.join(self.workdir, f"seed_{seed}", kind)
-        result_path = os.path.join(rundir, "result.json")
+        rundir = rundir or self.rundir(kind, seed)
+        fields = fields or self.run_fields(kind, seed)
+        name = os.path.relpath(rundir, self.workdir)
+        self.check_runs({rundir: fields}, overwrite=False)
         os.makedirs(rundir, exist_ok=True)
+        if self.is_chief:
+            run_config.record(rundir, fields)
+        result_path = os.path.join(rundir, "result.json")
         metrics_path = os.path.join(rundir, "metrics.jsonl")
         apply = jaxkd.linen_apply(model)
         teacher_apply, teacher_variables = teacher if teacher else (None, None)
@@ -282,9 +275,7 @@ class Experiment:
         state = jaxkd.replicate_on_mesh(state, self.mesh)
         if teacher_variables is not None:
             teacher_variables = jaxkd.replicate_on_mesh(teacher_variables, self.mesh)
-        if eval_temperature is None:
-            eval_temperature = config.distill.temperature
-        eval_step = self.eval_step(model, teacher_apply, eval_temperature)
+        eval_step = self.eval_step(model, teacher_apply)
 
         checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
         loader = self.loader(seed)
@@ -296,100 +287,140 @@ class Experiment:
             elapsed = extra["elapsed"]
         start_step = int(jax.device_get(state.step))
         if start_step == steps and os.path.exists(result_path):
-            with open(result_path) as f:  # finished earlier: nothing to train or measure
-                return json.load(f), state
-        if self.is_chief:
-            _truncate_jsonl(metrics_path, start_step)
+            checkpointer.close()  # finished earlier: nothing to train or measure
+            return jsonfiles.read(result_path), state
+        if self.is_chief:  # records after the checkpoint will be written again
+            jsonfiles.truncate_lines(metrics_path, last_step=start_step)
 
         def save(step):
             checkpointer.save(step, state, {"loader": loader.get_state(), "elapsed": elapsed})
 
         def log(record):
             if self.is_chief:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                jsonfiles.append_line(metrics_path, record)
 
         progress = tqdm(
-            total=steps,
-            initial=start_step,
-            desc=f"seed {seed} {kind}",
-            disable=not self.is_chief,
-            leave=False,
+            total=steps, initial=start_step, desc=name, disable=not self.is_chief, leave=False
         )
-        for step in range(start_step + 1, steps + 1):
-            tick = time.perf_counter()
-            state, metrics = train_step(
-                state, teacher_variables, jaxkd.shard_batch(next(loader), self.mesh)
-            )
-            if step % config.log_every == 0 or step == steps:
-                log({"step": step, "split": "train", **_host(metrics)})
-            jax.block_until_ready(state)
-            elapsed += time.perf_counter() - tick
-            if step % config.eval_every == 0 or step == steps:
-                log(
-                    {
-                        "step": step,
-                        "split": "test",
-                        **self.evaluate(eval_step, state, teacher_variables),
-                    }
-                )
-            if step == steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                save(step)
-            progress.update(1)
-        progress.close()
-        checkpointer.close()
+        try:
+            # One process alone may stop between steps: the processes of a multi-host
+            # job would stop at different steps, so there SIGINT raises at once (the
+            # last checkpoint, committed atomically, survives).
+            with StopOnInterrupt(enabled=jax.process_count() == 1) as stop:
+                # Compiled here, before the timer starts, on a batch like those to come.
+                example = jaxkd.shard_batch(loader.batch(**loader.get_state()), self.mesh)
+                tick = time.perf_counter()
+                compiled = train_step.lower(state, teacher_variables, example).compile()
+                compile_time = time.perf_counter() - tick
+                for step in range(start_step + 1, steps + 1):
+                    if stop.requested:  # between steps: save, then stop
+                        if step - 1 > start_step:
+                            save(step - 1)
+                        raise Interrupted(interrupt_message(step - 1, name))
+                    tick = time.perf_counter()
+                    batch = jaxkd.shard_batch(next(loader), self.mesh)
+                    state, metrics = compiled(state, teacher_variables, batch)
+                    jax.block_until_ready(state)
+                    elapsed += time.perf_counter() - tick
+                    if step % config.log_every == 0 or step == steps:
+                        log({"step": step, "split": "train", **_host(metrics)})
+                    if step % config.eval_every == 0 or step == steps:
+                        for split, arrays in self.eval_arrays.items():
+                            evaluated = self.evaluate(eval_step, state, teacher_variables, arrays)
+                            log({"step": step, "split": split, **evaluated})
+                    if step == steps or (
+                        config.checkpoint_every and step % config.checkpoint_every == 0
+                    ):
+                        save(step)
+                    progress.update(1)
+                result = self._result(kind, seed, steps, apply, state, teacher_variables, eval_step)
+                result.update(compile_time_s=compile_time, train_time_s=elapsed)
+                if self.is_chief:
+                    jsonfiles.write(result_path, result)
+                if stop.requested:  # during the final evaluation: the run is complete
+                    raise Interrupted(interrupt_message(steps, name))
+        finally:
+            progress.close()
+            checkpointer.close()
+        return result, state
 
-        final = self.evaluate(eval_step, state, teacher_variables)
+    def _result(self, kind, seed, steps, apply, state, teacher_variables, eval_step) -> dict:
+        """The result record of a trained run: every split's metrics, size, FLOPs, speed."""
+        config = self.config
+        final = {
+            split: self.evaluate(eval_step, state, teacher_variables, arrays)
+            for split, arrays in self.eval_arrays.items()
+        }
         host_params = jax.device_get(state.params)
         flops, throughput = inference_costs(
             apply,
             host_params,
             jax.device_get(state.model_state),
-            self.test_arrays["image"][: config.throughput_batch_size],
+            self.eval_arrays["test"]["image"][: config.throughput_batch_size],
         )
-        result = {
+        return {
             "run": kind,
             "seed": seed,
             "model": config.teacher.model if kind == "teacher" else config.student.model,
             "steps": steps,
             "params": jaxkd.count_params(host_params),
             "flops_per_example": flops,
-            "train_time_s": elapsed,
             "throughput": throughput,
-            **final,
+            **final["test"],
+            **{f"validation_{key}": value for key, value in final.get("validation", {}).items()},
         }
-        if self.is_chief:
-            with open(result_path, "w") as f:
-                json.dump(result, f, indent=2)
-        return result, state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+) -> list[dict[str, Any]]:
     """Runs teacher, scratch and distilled student for every seed; writes the report.
+
+    Args:
+      config: the experiment config.
+      workdir: the output directory; its finished runs are reused, unfinished
+        ones resumed.
+      overwrite: delete and train again the workdir's runs that were made with
+        other values of the fields they depend on, instead of refusing.
 
     Returns:
       One result record per (seed, run).
+
+    Raises:
+      ExperimentError: a bad config, dataset or workdir, or (without ``overwrite``)
+        runs made with another config; nothing is trained.
+      Interrupted: on SIGINT, after saving the running model's checkpoint.
     """
-    from experiments import report  # matplotlib only where a report is written
+    from experiments import report
 
     validate_config(config, jax.device_count())
+    check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
+    experiment = Experiment(config, workdir)
+    seeds = _as_ints(config.seeds)
+    experiment.check_runs(
+        {
+            experiment.rundir(kind, seed): experiment.run_fields(kind, seed)
+            for seed in seeds
+            for kind in RUNS
+        },
+        overwrite=overwrite,
+    )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    experiment = Experiment(config, workdir)
     supervised = jaxkd.cross_entropy_objective()
     distill = jaxkd.distillation_objective(
         config.distill.loss,
         alpha=config.distill.alpha,
         temperature=config.distill.temperature,
-        **config.distill.loss_kwargs,
+        loss_kwargs=config.distill.loss_kwargs.to_dict(),
     )
     teacher_model = experiment.model("teacher")
     teacher_apply = jaxkd.linen_teacher_apply(teacher_model)
     student_model = experiment.model("student")
     results = []
-    for seed in _as_ints(config.seeds):
+    for seed in seeds:
         teacher_result, teacher_state = experiment.run(
             "teacher",
             seed,
@@ -413,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             )
             results.append(result)
     if jax.process_index() == 0:
-        report.write_report(results, config, workdir)
+        report.write_report(results, config, workdir, experiment.data_sizes)
     return results
 
 

@@ -13,6 +13,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.dataset = "digits"
     config.dataset_kwargs = ml_collections.ConfigDict()  # e.g. num_samples for mnist1d
     config.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default
+    # Held out of the training split (a seeded subset, the same for every run seed):
+    # hyper-parameters are chosen on it, and the test split is read only for the report.
+    config.validation_fraction = 0.1
+    config.validation_seed = 0
 
     # Models: names from experiments.models.MODEL_NAMES, kwargs to their constructors.
     config.teacher = ml_collections.ConfigDict()
@@ -27,7 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Optimization of both students: same steps, optimizer and data order.
     config.steps = 1000
     config.batch_size = 128  # global, divisible by the device count
-    config.optimizer = "adam"  # adam | adamw | sgd (momentum 0.9)
+    config.optimizer = "adam"  # adam | adamw | sgd
+    config.momentum = 0.9  # sgd only (Nesterov); 0 for plain SGD
     config.learning_rate = 3e-3
     config.weight_decay = 0.0
     config.warmup_steps = 0

@@ -2,7 +2,7 @@
 
 Downloaded and prepared by TFDS on first use (needs network and TensorFlow once):
 
-    python -m experiments.distill --config=experiments/configs/cifar100.py --workdir=DIR
+    .venv/bin/python -m experiments.distill --config=experiments/configs/cifar100.py --workdir=DIR
 
 ``quick`` shrinks the run to a few steps on tiny batches.
 """

@@ -1,7 +1,8 @@
 """scikit-learn's 8x8 digits: an MLP teacher, a tiny MLP student. Offline.
 
-    python -m experiments.distill --config=experiments/configs/digits.py --workdir=/tmp/kd
-    python -m experiments.distill --config=experiments/configs/digits.py:quick --workdir=/tmp/kd
+    .venv/bin/python -m experiments.distill --config=experiments/configs/digits.py --workdir=/tmp/kd
+    .venv/bin/python -m experiments.distill --config=experiments/configs/digits.py:quick \\
+        --workdir=/tmp/kd
 
 ``quick`` shrinks the run to seconds (one seed, few steps).
 """

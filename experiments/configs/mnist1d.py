@@ -2,14 +2,20 @@
 
 The CNN (5k params) generalizes far better than the MLP (15k params) on these
 shifted, noisy 1D signals, so distillation transfers an inductive bias across
-architectures. T=2 and alpha=0.5 come from the grid sweep
+architectures. T=1 and alpha=0.9 come from the grid sweep, chosen on the validation
+split (a seeded 10% of the training split; the test split plays no part):
 
-    python -m experiments.sweep --config=experiments/configs/mnist1d.py \
-        --config.seeds=0 --workdir=/tmp/sweep --temperatures=1,2,4,8 --alphas=0.5,0.9
+    .venv/bin/python -m experiments.sweep --config=experiments/configs/mnist1d.py \\
+        --config.seeds=0 --workdir=/tmp/jaxkd-runs/sweep --temperatures=1,2,4,8 \\
+        --alphas=0.5,0.9 --select_on=validation
+
+Its best validation accuracy (0.747, seed 0) was tied by T=2, alpha=0.5, and five of
+the eight trials (both included) were within 0.011 of it: the choice is a weak one.
 
 The README's main experiment:
 
-    python -m experiments.distill --config=experiments/configs/mnist1d.py --workdir=/tmp/kd
+    .venv/bin/python -m experiments.distill --config=experiments/configs/mnist1d.py \\
+        --workdir=/tmp/jaxkd-runs/mnist1d
 
 ``quick`` shrinks the run to seconds (one seed, few steps, fewer samples).
 """
@@ -22,7 +28,7 @@ from experiments.configs.base import finish, get_base_config
 def get_config(arg: str | None = None):
     config = get_base_config()
     config.dataset = "mnist1d"
-    config.dataset_kwargs = {"num_samples": 12500}  # 10,000 train / 2,500 test
+    config.dataset_kwargs = {"num_samples": 12500}  # 9,000 train / 1,000 validation / 2,500 test
     config.teacher.model = "mnist1d_cnn"
     config.teacher.model_kwargs = {}
     config.teacher.steps = 3000
@@ -30,8 +36,8 @@ def get_config(arg: str | None = None):
     config.student.model_kwargs = {}
     config.steps = 3000
     config.batch_size = 128
-    config.distill.temperature = 2.0
-    config.distill.alpha = 0.5
+    config.distill.temperature = 1.0  # chosen on the validation split: see above
+    config.distill.alpha = 0.9
     config.eval_every = 500
     config.checkpoint_every = 500
     config.log_every = 100

@@ -7,68 +7,23 @@ a deterministic, checkpointable, per-process loader of NumPy batches::
 
     from experiments import data
 
-    loader = data.make_train_loader("digits", data_dir, global_batch_size=64, seed=0)
+    arrays = data.load_split("digits", "train", data_dir)
+    train, validation = data.validation_split(len(arrays["label"]), fraction=0.1, seed=0)
+    loader = data.TrainLoader(data.take(arrays, train), global_batch_size=64, seed=0)
     batch = next(loader)  # {"image": float32 [64, 8, 8, 1], "label": int32 [64]}
-    for batch in data.make_eval_batches("digits", data_dir, global_batch_size=64):
+    for batch in data.eval_batches(data.take(arrays, validation), global_batch_size=64):
         ...  # plus "mask": bool [64], False on padding
 """
 
-from experiments.data.builders import (
-    FILE_FORMAT,
-    OFFLINE_BUILDERS,
-    Digits,
-    Mnist1d,
-    Mnist1dConfig,
-    generate_mnist1d,
-    mnist1d_config,
-    prepare,
-)
-from experiments.data.loader import (
-    TrainLoader,
-    epoch_permutation,
-    eval_batches,
-    gather,
-    num_eval_batches,
-    num_examples,
-    process_slice,
-    reshape_for_devices,
-    to_float32,
-)
+# ruff: noqa: F401  (the names below are the package's interface)
+from experiments.data.builders import prepare
+from experiments.data.loader import TrainLoader, eval_batches
 from experiments.data.registry import (
     DATASETS,
     DatasetSpec,
     get_spec,
     load_source,
     load_split,
-    make_eval_batches,
-    make_train_loader,
     read_arrays,
 )
-
-__all__ = [
-    "DATASETS",
-    "FILE_FORMAT",
-    "OFFLINE_BUILDERS",
-    "DatasetSpec",
-    "Digits",
-    "Mnist1d",
-    "Mnist1dConfig",
-    "TrainLoader",
-    "epoch_permutation",
-    "eval_batches",
-    "gather",
-    "generate_mnist1d",
-    "get_spec",
-    "load_source",
-    "load_split",
-    "make_eval_batches",
-    "make_train_loader",
-    "mnist1d_config",
-    "num_eval_batches",
-    "num_examples",
-    "prepare",
-    "process_slice",
-    "read_arrays",
-    "reshape_for_devices",
-    "to_float32",
-]
+from experiments.data.splits import check_labels, take, validation_split

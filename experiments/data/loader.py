@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments.errors import ExperimentError
+
 Batch = dict[str, np.ndarray]
 Source = Mapping[str, np.ndarray] | Sequence[Mapping[str, Any]]
 Normalize = Callable[[np.ndarray], np.ndarray]
@@ -77,40 +79,14 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
     return slice(start, start + local_batch_size)
 
 
-def reshape_for_devices(batch: Mapping[str, np.ndarray], num_devices: int) -> Batch:
-    """Splits the leading batch axis across local devices, for ``jax.pmap``.
-
-    Args:
-        batch: arrays with a common leading size B, e.g. ``image`` [B, ...].
-        num_devices: number of local devices D; must divide B.
-
-    Returns:
-        The same keys with arrays of shape [D, B // D, ...].
-
-    Raises:
-        ValueError: if B is not divisible by ``num_devices``.
-    """
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be positive, got {num_devices}.")
-    reshaped = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.ndim == 0 or value.shape[0] % num_devices:
-            size = value.shape[0] if value.ndim else "a scalar"
-            raise ValueError(
-                f"Cannot split batch[{key!r}] of batch size {size} across "
-                f"num_devices={num_devices}: the batch size must be divisible by it."
-            )
-        reshaped[key] = value.reshape((num_devices, -1, *value.shape[1:]))
-    return reshaped
-
-
 def num_examples(source: Source, *, label_key: str = "label") -> int:
     """Number of examples N in ``source`` (arrays or random-access source)."""
     if isinstance(source, Mapping):
         sizes = {key: len(value) for key, value in source.items()}
         if label_key not in sizes:
-            raise ValueError(f"label_key {label_key!r} is not in the source keys {sorted(sizes)}.")
+            raise ExperimentError(
+                f"label_key {label_key!r} is not in the source keys {sorted(sizes)}."
+            )
         if len(set(sizes.values())) != 1:
             raise ValueError(f"Arrays of the source differ in length: {sizes}.")
         return sizes[label_key]
@@ -128,13 +104,25 @@ def gather(
     """Reads examples ``indices`` [K] into ``{"image": float32 [K, ...], "label": int32 [K]}``."""
     indices = np.asarray(indices, dtype=np.int64)
     if isinstance(source, Mapping):
+        _check_keys(source, (image_key, label_key), "The source arrays")
         images = np.asarray(source[image_key])[indices]
         labels = np.asarray(source[label_key])[indices]
     else:
         examples = _read_examples(source, [int(index) for index in indices])
+        for index, example in zip(indices, examples, strict=True):
+            _check_keys(example, (image_key, label_key), f"Example {index} of the source")
         images = np.stack([np.asarray(example[image_key]) for example in examples])
         labels = np.stack([np.asarray(example[label_key]) for example in examples])
     return {"image": normalize(images), "label": labels.astype(np.int32)}
+
+
+def _check_keys(example: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
+    missing = [key for key in keys if key not in example]
+    if missing:
+        raise ExperimentError(
+            f"{what} has no {missing[0]!r} feature (it has {sorted(example)}): check the "
+            "dataset's image_key and label_key (experiments/data/registry.py)."
+        )
 
 
 def _read_examples(source: Sequence[Mapping[str, Any]], keys: list[int]) -> Sequence[Any]:
@@ -244,17 +232,12 @@ class TrainLoader:
         """Global batches per epoch, ``N // global_batch_size``."""
         return self._num_examples // self.global_batch_size
 
-    @property
-    def local_batch_size(self) -> int:
-        """Examples per batch on this process."""
-        return self.global_batch_size // self._sharding.process_count
-
     def get_state(self) -> dict[str, int]:
         """Returns ``{"epoch": e, "index_in_epoch": i}``: the next batch is batch i of epoch e."""
         return {"epoch": self._epoch, "index_in_epoch": self._index_in_epoch}
 
     def set_state(self, state: Mapping[str, int]) -> None:
-        """Resumes from a state returned by ``get_state`` (or ``state_at_step``)."""
+        """Resumes from a state returned by ``get_state``."""
         epoch, index_in_epoch = int(state["epoch"]), int(state["index_in_epoch"])
         if epoch < 0 or not 0 <= index_in_epoch < self.batches_per_epoch:
             raise ValueError(
@@ -262,13 +245,6 @@ class TrainLoader:
                 f"index_in_epoch < batches_per_epoch={self.batches_per_epoch}."
             )
         self._epoch, self._index_in_epoch = epoch, index_in_epoch
-
-    def state_at_step(self, step: int) -> dict[str, int]:
-        """The state after ``step`` batches from the start, e.g. from a checkpoint's step."""
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}.")
-        epoch, index_in_epoch = divmod(int(step), self.batches_per_epoch)
-        return {"epoch": epoch, "index_in_epoch": index_in_epoch}
 
     def global_indices(self, epoch: int, index_in_epoch: int) -> np.ndarray:
         """Example indices int64 [global_batch_size] of one global batch."""

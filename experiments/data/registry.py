@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from experiments.data import builders
-from experiments.data.loader import Batch, TrainLoader, eval_batches, gather
+from experiments.data.loader import Batch, gather
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,80 +153,3 @@ def load_split(
         ``{"image": float32 [N, *input_shape], "label": int32 [N]}``.
     """
     return read_arrays(load_source(name, split, data_dir, **builder_kwargs), get_spec(name))
-
-
-def make_train_loader(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    global_batch_size: int,
-    seed: int,
-    in_memory: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    state: dict[str, int] | None = None,
-    **builder_kwargs: Any,
-) -> TrainLoader:
-    """A ``TrainLoader`` over the training split of a known dataset.
-
-    Args:
-        name: a known dataset name.
-        data_dir: TFDS data directory; None for TFDS's default.
-        global_batch_size: batch size summed over all processes.
-        seed: non-negative integer seed of the example order.
-        in_memory: read the split into arrays once (fast for these small
-            datasets); False reads examples from the source per batch.
-        process_index: this process, default ``jax.process_index()``.
-        process_count: number of processes, default ``jax.process_count()``.
-        state: optional loader state to resume from.
-        **builder_kwargs: passed to the builder, e.g. ``num_samples`` for mnist1d.
-    """
-    spec = get_spec(name)
-    source = load_source(name, spec.train_split, data_dir, **builder_kwargs)
-    sharding = {"process_index": process_index, "process_count": process_count}
-    if in_memory:
-        arrays = read_arrays(source, spec)
-        return TrainLoader(
-            arrays, global_batch_size=global_batch_size, seed=seed, state=state, **sharding
-        )
-    return TrainLoader(
-        source,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        image_key=spec.image_key,
-        label_key=spec.label_key,
-        normalize=spec.normalize,
-        state=state,
-        **sharding,
-    )
-
-
-def make_eval_batches(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    global_batch_size: int,
-    split: str | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    **builder_kwargs: Any,
-) -> Iterator[Batch]:
-    """Eval batches ``{"image", "label", "mask"}`` over a whole split of a known dataset.
-
-    Args:
-        name: a known dataset name.
-        data_dir: TFDS data directory; None for TFDS's default.
-        global_batch_size: batch size summed over all processes.
-        split: split to evaluate on; default the spec's ``eval_split``.
-        process_index: this process, default ``jax.process_index()``.
-        process_count: number of processes, default ``jax.process_count()``.
-        **builder_kwargs: passed to the builder, e.g. ``num_samples`` for mnist1d.
-    """
-    spec = get_spec(name)
-    source = load_source(name, split or spec.eval_split, data_dir, **builder_kwargs)
-    return eval_batches(
-        read_arrays(source, spec),
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-    )

@@ -13,12 +13,18 @@ import orbax.checkpoint as ocp
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A short digits run without dropout, so that data-parallel runs are comparable
-# with single-device ones (dropout masks depend on the device layout).
+# with single-device ones (dropout masks depend on the device layout). Plain SGD:
+# its update is proportional to the gradient, so a gradient off by a factor (say,
+# the process count) changes the params by as much, where Adam would hide it.
 SHORT_RUN = (
     "--config=experiments/configs/digits.py:quick",
     "--config.steps=30",
     "--config.teacher.steps=30",
     "--config.teacher.model_kwargs.dropout_rate=0.0",
+    "--config.optimizer=sgd",
+    "--config.momentum=0",
+    "--config.learning_rate=0.2",
+    "--config.teacher.learning_rate=0.2",
     "--config.checkpoint_every=5",
     "--config.eval_every=15",
     "--config.log_every=5",

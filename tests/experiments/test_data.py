@@ -1,16 +1,19 @@
-"""Tests of the experiments data layer: offline builders, registry and loaders."""
+"""Tests of the experiments data layer: offline builders, registry, splits and loaders."""
 
+import json
 import os
 import random
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import data
+from experiments import data, jsonfiles
+from experiments.data import builders
+from experiments.data.loader import epoch_permutation, gather, num_eval_batches
+from experiments.errors import ExperimentError
 
 # Small enough to build in about a second: 800 train / 200 test examples.
 MNIST1D_SAMPLES = 1000
@@ -77,7 +80,7 @@ def test_mnist1d_reads_back_through_tfds_data_source(data_dir):
     assert arrays["x"].dtype == np.float32
     assert arrays["label"].min() >= 0 and arrays["label"].max() < 10
     # Same examples as the generator's train split (the file order is TFDS's).
-    generated = data.generate_mnist1d(MNIST1D_SAMPLES)
+    generated = builders.generate_mnist1d(MNIST1D_SAMPLES)
     np.testing.assert_array_equal(
         _sorted_rows(arrays["x"], arrays["label"]),
         _sorted_rows(generated["x"].astype(np.float32), generated["y"]),
@@ -111,31 +114,33 @@ def test_mnist1d_generation_leaves_global_rng_alone():
     expected = (random.random(), np.random.random())  # noqa: NPY002
     random.seed(7)
     np.random.seed(7)  # noqa: NPY002
-    data.generate_mnist1d(20)
+    builders.generate_mnist1d(20)
     assert (random.random(), np.random.random()) == expected  # noqa: NPY002
 
 
 @pytest.mark.parametrize("num_samples", [0, -10, 1005, 12.5])
 def test_mnist1d_rejects_bad_num_samples(num_samples):
     with pytest.raises(ValueError, match="num_samples"):
-        data.mnist1d_config(num_samples)
+        builders.mnist1d_config(num_samples)
 
 
 def test_mnist1d_config_from_name_or_num_samples(data_dir):
-    builder = data.Mnist1d(config=f"n{MNIST1D_SAMPLES}", data_dir=os.fspath(data_dir))
+    builder = builders.Mnist1d(config=f"n{MNIST1D_SAMPLES}", data_dir=os.fspath(data_dir))
     assert builder.builder_config.num_samples == MNIST1D_SAMPLES
     assert len(builder.as_data_source(split="test")) == 200
-    assert data.Mnist1d(num_samples=20, data_dir=os.fspath(data_dir)).builder_config.name == "n20"
     assert (
-        data.Mnist1d(data_dir=os.fspath(data_dir)).builder_config.num_samples == 12_500
+        builders.Mnist1d(num_samples=20, data_dir=os.fspath(data_dir)).builder_config.name == "n20"
+    )
+    assert (
+        builders.Mnist1d(data_dir=os.fspath(data_dir)).builder_config.num_samples == 12_500
     )  # 10000 train / 2500 test.
     # Asking for the default count by number selects the registered config.
-    default = data.Mnist1d(num_samples=12_500, data_dir=os.fspath(data_dir))
-    assert default.builder_config is data.Mnist1d.builder_configs["n12500"]
+    default = builders.Mnist1d(num_samples=12_500, data_dir=os.fspath(data_dir))
+    assert default.builder_config is builders.Mnist1d.builder_configs["n12500"]
     with pytest.raises(ValueError, match="mnist1d config 'large'"):
-        data.Mnist1d(config="large")
+        builders.Mnist1d(config="large")
     with pytest.raises(ValueError, match="either num_samples or config"):
-        data.Mnist1d(num_samples=20, config="n20")
+        builders.Mnist1d(num_samples=20, config="n20")
 
 
 def test_prepare_rejects_unknown_offline_dataset(tmp_path):
@@ -215,7 +220,7 @@ def test_train_loader_reads_the_right_examples():
     arrays = _arrays(50)
     loader = data.TrainLoader(arrays, global_batch_size=8, seed=0, process_count=1, process_index=0)
     batch = next(loader)
-    indices = data.epoch_permutation(50, seed=0, epoch=0)[:8]
+    indices = epoch_permutation(50, seed=0, epoch=0)[:8]
     np.testing.assert_array_equal(batch["image"][:, 0], indices)
     np.testing.assert_array_equal(batch["label"], indices % 10)
 
@@ -228,7 +233,6 @@ def test_resumed_loader_continues_exactly(consumed):
     interrupted = data.TrainLoader(arrays, **kwargs)
     _take(interrupted, consumed)
     state = interrupted.get_state()
-    assert state == interrupted.state_at_step(consumed)
     assert state == {"epoch": consumed // 6, "index_in_epoch": consumed % 6}
     resumed = data.TrainLoader(arrays, **kwargs, state=state)
     _assert_batches_equal(_take(resumed, 9), uninterrupted[consumed:])
@@ -276,36 +280,6 @@ def test_random_access_source_matches_in_memory_arrays(data_dir):
     _assert_batches_equal(_take(from_source, 3), _take(from_arrays, 3))
 
 
-def test_make_train_loader_streams_like_in_memory(data_dir):
-    kwargs = {"global_batch_size": 40, "seed": 2, "process_index": 0, "process_count": 1}
-    options = {"num_samples": MNIST1D_SAMPLES, **kwargs}
-    streamed = data.make_train_loader("mnist1d", data_dir, in_memory=False, **options)
-    in_memory = data.make_train_loader("mnist1d", data_dir, **options)
-    batches = _take(in_memory, 2)
-    assert batches[0]["image"].shape == (40, 40)
-    _assert_batches_equal(_take(streamed, 2), batches)
-
-
-# Device reshape.
-
-
-def test_reshape_for_devices_feeds_pmap(digits_train):
-    num_devices = jax.local_device_count()
-    assert num_devices == 8  # Set in conftest.py.
-    batch = data.gather(digits_train, np.arange(32))
-    sharded = data.reshape_for_devices(batch, num_devices)
-    assert sharded["image"].shape == (8, 4, 8, 8, 1)
-    assert sharded["label"].shape == (8, 4)
-    np.testing.assert_array_equal(sharded["image"][1, 0], batch["image"][4])
-    sums = jax.pmap(lambda x: x.sum())(sharded["label"])
-    np.testing.assert_array_equal(np.asarray(sums), batch["label"].reshape(8, 4).sum(1))
-
-
-def test_reshape_for_devices_names_sizes_when_not_divisible():
-    with pytest.raises(ValueError, match="batch size 12 .* num_devices=8"):
-        data.reshape_for_devices({"image": np.zeros((12, 3))}, 8)
-
-
 # Evaluation batches.
 
 
@@ -327,7 +301,7 @@ def _collect_eval(arrays, global_batch_size, process_count):
 def test_eval_batches_cover_each_example_once(data_dir):
     arrays = data.load_split("digits", "test", data_dir)  # 360 examples.
     batches = _collect_eval(arrays, 64, 1)[0]
-    assert len(batches) == data.num_eval_batches(360, 64) == 6
+    assert len(batches) == num_eval_batches(360, 64) == 6
     assert all(batch["image"].shape == (64, 8, 8, 1) for batch in batches)
     mask = np.concatenate([batch["mask"] for batch in batches])
     assert mask.dtype == np.bool_ and mask.sum() == 360 and not mask[360:].any()
@@ -373,17 +347,17 @@ def test_sharded_eval_counts_every_example_once(num, local_batch_size, process_c
 )
 def test_real_datasets_through_mock_data(tmp_path, name, shape, num_classes, policy):
     with tfds.testing.mock_data(num_examples=20, policy=policy):
-        loader = data.make_train_loader(
-            name, tmp_path, global_batch_size=8, seed=0, process_index=0, process_count=1
-        )
-        batch = next(loader)
-        eval_batches = list(
-            data.make_eval_batches(
-                name, tmp_path, global_batch_size=8, process_index=0, process_count=1
-            )
-        )
+        train = data.load_split(name, "train", tmp_path)
+        test = data.load_split(name, "test", tmp_path)
+    train_loader = data.TrainLoader(
+        train, global_batch_size=8, seed=0, process_index=0, process_count=1
+    )
+    batch = next(train_loader)
+    eval_batches = list(
+        data.eval_batches(test, global_batch_size=8, process_index=0, process_count=1)
+    )
     assert data.get_spec(name).input_shape == shape
-    assert loader.num_examples == 20
+    assert train_loader.num_examples == 20
     assert batch["image"].shape == (8, *shape)
     assert batch["image"].dtype == np.float32
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
@@ -391,3 +365,63 @@ def test_real_datasets_through_mock_data(tmp_path, name, shape, num_classes, pol
     assert 0 <= batch["label"].min() and batch["label"].max() < num_classes
     assert len(eval_batches) == 3
     assert sum(int(b["mask"].sum()) for b in eval_batches) == 20
+
+
+# Validation split and label checks.
+
+
+@pytest.mark.parametrize(
+    "num_examples, fraction, size", [(1437, 0.1, 144), (10, 0.01, 1), (50, 0.0, 0)]
+)
+def test_validation_split_is_disjoint_deterministic_and_complete(num_examples, fraction, size):
+    train, validation = data.validation_split(num_examples, fraction=fraction, seed=0)
+    assert len(validation) == size
+    assert not set(train) & set(validation)
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([train, validation])), np.arange(num_examples)
+    )
+    again = data.validation_split(num_examples, fraction=fraction, seed=0)
+    np.testing.assert_array_equal(again[0], train)
+    np.testing.assert_array_equal(again[1], validation)
+
+
+def test_validation_split_depends_on_its_seed_and_is_not_a_prefix_or_suffix():
+    _, first = data.validation_split(1000, fraction=0.1, seed=0)
+    _, second = data.validation_split(1000, fraction=0.1, seed=1)
+    assert not np.array_equal(first, second)
+    assert first.min() < 100 and first.max() >= 900  # spread over the split, not its tail
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 0.999])
+def test_validation_split_rejects_fractions_that_leave_nothing(fraction):
+    with pytest.raises(ExperimentError, match="validation_fraction"):
+        data.validation_split(10, fraction=fraction, seed=0)
+
+
+def test_labels_outside_the_classes_are_named():
+    data.check_labels(np.array([0, 9, 3]), 10, split="digits/train")
+    with pytest.raises(
+        ExperimentError, match=r"'digits/test' split has 3 labels outside \[0, 10\): -2, 10\."
+    ):
+        data.check_labels(np.array([0, -2, 10, 10, 4]), 10, split="digits/test")
+
+
+def test_example_without_the_label_key_is_named():
+    source = [{"image": np.zeros((8, 8, 1)), "target": 3}] * 4
+    with pytest.raises(
+        ExperimentError, match=r"Example 1 of the source has no 'label' feature .*'target'"
+    ):
+        gather(source, np.array([1, 2]))
+    with pytest.raises(ExperimentError, match="label_key 'label' is not in the source keys"):
+        data.TrainLoader({"image": np.zeros((4, 2)), "y": np.zeros(4)}, global_batch_size=2, seed=0)
+
+
+def test_json_files_are_strict():
+    value = {"a": float("nan"), "b": [np.float32(np.inf), (1, np.int64(2))], "c": np.arange(2.0)}
+    assert jsonfiles.strict(value) == {"a": None, "b": [None, [1, 2]], "c": [0.0, 1.0]}
+    text = jsonfiles.dumps(value)
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON {c}")) == {
+        "a": None,
+        "b": [None, [1, 2]],
+        "c": [0.0, 1.0],
+    }

@@ -1,4 +1,5 @@
-"""The temperature/alpha sweep: a 2x2 grid sharing one teacher, random draws, bad values."""
+"""The temperature/alpha sweep: a 2x2 grid sharing one teacher, chosen on the validation
+split; random draws; bad values."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def test_grid_writes_table_json_and_heatmap(grid):
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + len(pairs) + 2  # header, rule, trials, scratch, teacher
     assert "student from scratch" in table and "| teacher |" in table
+    assert "| validation accuracy | test accuracy |" in rows[0]
     saved = json.loads((workdir / "sweep.json").read_text())
     assert [t["accuracy"]["mean"] for t in saved["trials"]] == [
         t["accuracy"]["mean"] for t in trials
@@ -85,12 +87,43 @@ def test_each_trial_trains_with_its_own_temperature_and_alpha(grid):
     assert max(differences) > 1e-4
 
 
+def test_best_trial_is_chosen_on_the_validation_split(grid):
+    workdir, trials = grid
+    saved = json.loads((workdir / "sweep.json").read_text())
+    assert saved["select_on"] == "validation"
+    means = [t["validation_accuracy"]["mean"] for t in trials]
+    assert saved["best_trial"] == int(np.argmax(means))
+    table = (workdir / "sweep.md").read_text()
+    assert f"| **{saved['best_trial']}** (best on validation) |" in table
+    assert "chosen on the validation split" in table
+    # Where the splits disagree, each choice follows its own split.
+    made_up = [
+        {"trial": 0, "validation_accuracy": {"mean": 0.9}, "accuracy": {"mean": 0.5}},
+        {"trial": 1, "validation_accuracy": {"mean": 0.8}, "accuracy": {"mean": 0.7}},
+    ]
+    assert sweep.best_trial(made_up)["trial"] == 0
+    assert sweep.best_trial(made_up, "test")["trial"] == 1
+
+
+def test_selection_on_validation_needs_a_validation_split(tmp_path, config):
+    no_validation = config.copy_and_resolve_references()
+    no_validation.validation_fraction = 0.0
+    with pytest.raises(ValueError, match="select_on='validation' needs a validation split"):
+        sweep.run_sweep(no_validation, str(tmp_path / "run"), **GRID)
+    with pytest.raises(ValueError, match="select_on='train' is unknown"):
+        sweep.run_sweep(config, str(tmp_path / "run"), **GRID, select_on="train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_rerun_skips_finished_trials_and_finishes_the_others(grid, config):
     workdir, trials = grid
-    finished = (workdir / "trial_0" / "result.json").stat().st_mtime_ns
-    (workdir / "trial_3" / "result.json").unlink()  # as if stopped before its summary
+    run = workdir / "trial_0" / "seed_0" / "distilled"
+    finished = (run / "result.json").stat().st_mtime_ns, (run / "metrics.jsonl").read_text()
+    (workdir / "trial_3" / "seed_0" / "distilled" / "result.json").unlink()  # stopped before it
     again = sweep.run_sweep(config, str(workdir), **GRID)
-    assert (workdir / "trial_0" / "result.json").stat().st_mtime_ns == finished
+    assert ((run / "result.json").stat().st_mtime_ns, (run / "metrics.jsonl").read_text()) == (
+        finished
+    )
     assert [t["accuracy"] for t in again] == [t["accuracy"] for t in trials]
     records = _read_jsonl(workdir / "trial_3" / "seed_0" / "distilled" / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "train"] == [10]
@@ -107,7 +140,9 @@ def test_random_draws_are_deterministic_and_within_bounds(tmp_path):
     temperatures, alphas = np.asarray(points).T
     assert np.all((1 <= temperatures) & (temperatures <= 16) & (0.2 <= alphas) & (alphas <= 0.9))
     assert np.mean(temperatures < 4) > 0.3  # log-uniform: half below sqrt(1 * 16)
-    trials = [{"temperature": t, "alpha": a, "accuracy": {"mean": a / t}} for t, a in points]
+    trials = [
+        {"temperature": t, "alpha": a, "validation_accuracy": {"mean": a / t}} for t, a in points
+    ]
     sweep.plot_sweep(trials, "random", str(tmp_path / "scatter.png"))
     assert (tmp_path / "scatter.png").stat().st_size > 0
 
