@@ -18,7 +18,6 @@ command resumes. With ``--distributed`` every process of a multi-host job calls
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -56,22 +55,11 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     from experiments import train
-    from experiments.errors import ExperimentError
-    from experiments.interrupt import Interrupted
+    from experiments.errors import run_command
 
-    try:
-        results = train.train_and_evaluate(
-            _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value
-        )
-    except ExperimentError as error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as error:
-        print(f"\n{error}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    results = run_command(
+        train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value
+    )
     if jax.process_index() == 0:
         with open(os.path.join(_WORKDIR.value, "results.md")) as f:
             print(f.read())

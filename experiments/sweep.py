@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +44,7 @@ from tqdm.auto import tqdm
 
 import jaxkd
 from experiments import checks, jsonfiles, report, train
-from experiments.errors import ExperimentError
-from experiments.interrupt import Interrupted
+from experiments.errors import ExperimentError, run_command
 
 MODES = ("grid", "random")
 SELECT_ON = ("validation", "test")
@@ -374,19 +372,13 @@ def main(argv):
     config, workdir = FLAGS.config, FLAGS.workdir
     sweep = dict(mode=FLAGS.mode, num_trials=FLAGS.num_trials, sweep_seed=FLAGS.sweep_seed)
     sweep.update(select_on=FLAGS.select_on, overwrite=FLAGS.overwrite)
-    try:
+
+    def sweep_from_flags():
         sweep["temperatures"] = _floats("temperatures", FLAGS.temperatures)
         sweep["alphas"] = _floats("alphas", FLAGS.alphas)
         run_sweep(config, workdir, **sweep)
-    except ExperimentError as error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as error:
-        print(f"\n{error}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+
+    run_command(sweep_from_flags)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "sweep.md")) as f:
             print(f.read())
