@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import _checks
 from jaxkd._distributions import masked_logsumexp, prepare_logits, scaled_log_softmax
@@ -31,6 +32,25 @@ def _label_masks(labels, mask, num_classes: int, axis: int):
     return is_label, kept & ~jnp.any(is_label, axis=axis)
 
 
+def _poison(bad, loss: jax.Array, logits: jax.Array, axis: int) -> jax.Array:
+    """``loss`` with NaN where ``bad``, in its value and in its gradient.
+
+    A NaN in the value alone (``jnp.where``) would leave the update finite, and
+    training would go on around the bad label: the NaN is multiplied into a term
+    that depends on ``logits`` (a sum of their finite entries), 0 elsewhere.
+    """
+    finite = jnp.sum(jnp.where(jnp.isfinite(logits), logits, 0.0), axis=axis)
+    return loss + jnp.where(bad, jnp.nan, 0.0).astype(loss.dtype) * finite
+
+
+def _check_non_negative(**weights) -> None:
+    for name, value in weights.items():
+        if np.ndim(value) != 0:
+            raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}.")
+        if _checks.is_concrete(value) and not float(value) >= 0:
+            raise ValueError(f"`{name}` must be a non-negative weight, got {float(value)}.")
+
+
 def cross_entropy_with_integer_labels(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
     r"""Cross entropy of ``softmax(logits)`` against integer labels, per example.
 
@@ -47,14 +67,14 @@ def cross_entropy_with_integer_labels(logits, labels, *, axis: int = -1, where=N
     Returns:
       Array of the labels' shape. A kept example whose label is out of range (or
       names a masked class) raises when the labels are concrete and gives NaN under
-      ``jit``, never a silent 0.
+      ``jit``, in the value and in the gradient: never a silent 0.
     """
     scaled, mask, axis = prepare_logits("logits", logits, 1.0, axis, where)
     _checks.check_labels(labels, scaled.shape, axis, where)
     log_p = scaled_log_softmax(scaled, axis, mask)
     is_label, bad_label = _label_masks(labels, mask, scaled.shape[axis], axis)
     loss = -jnp.sum(jnp.where(is_label, log_p, 0.0), axis=axis)
-    return jnp.where(bad_label, jnp.nan, loss)
+    return _poison(bad_label, loss, scaled, axis)
 
 
 def hinton_loss(
@@ -149,6 +169,7 @@ def dkd_loss(
       Zhao, Cui, Song, Qiu and Liang, "Decoupled Knowledge Distillation",
       CVPR 2022. https://arxiv.org/abs/2203.08679
     """
+    _check_non_negative(alpha=alpha, beta=beta)
     log_p_s, log_p_t, mask, axis = softened_log_probs(
         student_logits, teacher_logits, temperature, axis, where
     )
@@ -170,7 +191,7 @@ def dkd_loss(
 
     nckd = jnp.sum(kl_terms(non_target(log_p_t), non_target(log_p_s)), axis=axis)
     temperature_squared = jnp.square(jnp.asarray(temperature, tckd.dtype))
-    return jnp.where(bad_label, jnp.nan, temperature_squared * (alpha * tckd + beta * nckd))
+    return _poison(bad_label, temperature_squared * (alpha * tckd + beta * nckd), log_p_s, axis)
 
 
 def _pearson_distance_centered(x: jax.Array, y: jax.Array, axis: int, eps: float):
@@ -237,6 +258,7 @@ def dist_loss(
       Huang, You, Wang, Qian and Xu, "Knowledge Distillation from A Stronger
       Teacher", NeurIPS 2022. https://arxiv.org/abs/2205.10536
     """
+    _check_non_negative(beta=beta, gamma=gamma)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if jnp.ndim(logits) != 2:
             raise ValueError(f"`{name}` must be [batch, classes], got shape {jnp.shape(logits)}.")

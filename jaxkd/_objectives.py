@@ -123,14 +123,35 @@ def _check_hyper_parameter(name: str, value: Scalar, check: Callable) -> None:
         raise TypeError(f"`{name}` must be a real number or a schedule, got {type(value)}.")
 
 
+def _scheduled(name: str, hyper_parameter: Scalar, step, check: Callable, valid: Callable):
+    """The value at ``step``: checked when concrete, NaN when traced and out of range."""
+    value = value_at(hyper_parameter, step)
+    if _checks.is_concrete(value) and _checks.is_concrete(step):
+        check(f"{name}(step={int(step)})" if callable(hyper_parameter) else name, value)
+        return value
+    return jnp.where(valid(value), value, jnp.nan)
+
+
 def _in_unit_interval(value: jax.Array) -> jax.Array:
-    """``value`` where it lies in [0, 1], NaN elsewhere (schedules are traced)."""
-    return jnp.where((value >= 0) & (value <= 1), value, jnp.nan)
+    return (value >= 0) & (value <= 1)
 
 
 def _positive(value: jax.Array) -> jax.Array:
-    """``value`` where it is positive and finite, NaN elsewhere."""
-    return jnp.where((value > 0) & jnp.isfinite(value), value, jnp.nan)
+    return (value > 0) & jnp.isfinite(value)
+
+
+def example_mask(mask, logits: jax.Array):
+    """The per-example (per-token) form of a batch mask, for reductions.
+
+    ``mask`` may take any shape a loss's ``where`` takes for ``logits`` ``[..., C]``
+    (e.g. ``[B, L]``, ``[B, L, 1]`` or ``[B, L, V]``); the result is ``[B, L]``
+    (an example with every class masked is masked), or ``None``.
+    """
+    if mask is None:
+        return None
+    logits_shape = jnp.shape(logits)
+    mask = _checks.normalize_where(mask, logits_shape, len(logits_shape) - 1)
+    return jnp.any(mask, axis=-1) if mask.shape == logits_shape else mask
 
 
 class _KdTerm:
@@ -158,7 +179,10 @@ class _KdTerm:
                 f"`loss_kwargs` may not set {reserved}: the objective passes them "
                 "(temperature as the objective's `temperature`, masks from the batch)."
             )
-        parameters = inspect.signature(self.fn).parameters
+        try:
+            parameters = inspect.signature(self.fn).parameters
+        except ValueError as error:  # e.g. a functools.partial with unknown keywords
+            raise ValueError(f"The loss {self.name!r} cannot be called: {error}") from None
         self.needs_labels = "labels" in parameters
         self.tempered = "temperature" in parameters
         self.takes_where = accepts_keyword(self.fn, "where")
@@ -173,11 +197,17 @@ class _KdTerm:
                 )
         probe_logits = jax.ShapeDtypeStruct((4, 3), jnp.float32)
         probe_labels = jnp.array([0, 1, 2, 0], jnp.int32)
-        shape = jax.eval_shape(
-            lambda s, t: self(s, t, probe_labels, None, temperature_now, None),
-            probe_logits,
-            probe_logits,
-        ).shape
+        try:
+            shape = jax.eval_shape(
+                lambda s, t: self(s, t, probe_labels, None, temperature_now, None),
+                probe_logits,
+                probe_logits,
+            ).shape
+        except TypeError as error:
+            raise ValueError(
+                f"The loss {self.name!r} fails with `loss_kwargs`={self.kwargs} on [4, 3] "
+                f"logits: {error}"
+            ) from None
         if shape not in ((), (4,)):
             raise ValueError(
                 f"The loss {self.name!r} returned shape {shape} for [4, 3] logits; a loss "
@@ -263,12 +293,15 @@ def distillation_objective(
         teacher_logits = jax.lax.stop_gradient(logits_of(teacher_out))
         mask = batch.get(mask_key)
         labels = None if label_key is None else batch[label_key]
-        alpha_now = _in_unit_interval(value_at(alpha, step))
-        temperature_now = _positive(value_at(temperature, step))
+        alpha_now = _scheduled("alpha", alpha, step, _checks.check_unit_interval, _in_unit_interval)
+        temperature_now = _scheduled(
+            "temperature", temperature, step, _checks.check_positive_scalar, _positive
+        )
         kd = kd_term(student_logits, teacher_logits, labels, mask, temperature_now, axis_name)
+        kept = example_mask(mask, student_logits)
         means = {}
         if not kd_term.batch_level:
-            means["kd"] = (kd, mask)
+            means["kd"] = (kd, kept)
         elif axis_name is not None and not kd_term.takes_axis_name:
             raise ValueError(
                 f"The batch-level loss {kd_term.name!r} takes no `axis_name`: under data "
@@ -277,7 +310,7 @@ def distillation_objective(
             )
         if labels is not None:
             ce = cross_entropy_with_integer_labels(student_logits, labels, where=mask)
-            means["ce"] = (ce, mask)
+            means["ce"] = (ce, kept)
         means = masked_means(means, axis_name=axis_name)
         kd = means.get("kd", kd)
         ce = means.get("ce", jnp.zeros((), kd.dtype))
@@ -324,9 +357,9 @@ def cross_entropy_objective(*, label_key: str = "label", mask_key: str = "mask")
 
     def objective(student_out, teacher_out, batch, step, *, axis_name=None):
         del teacher_out, step
-        mask = batch.get(mask_key)
-        ce = cross_entropy_with_integer_labels(logits_of(student_out), batch[label_key], where=mask)
-        ce = masked_means({"ce": (ce, mask)}, axis_name=axis_name)["ce"]
+        mask, logits = batch.get(mask_key), logits_of(student_out)
+        ce = cross_entropy_with_integer_labels(logits, batch[label_key], where=mask)
+        ce = masked_means({"ce": (ce, example_mask(mask, logits))}, axis_name=axis_name)["ce"]
         return ce, {"loss": ce, "ce_loss": ce}
 
     return objective

@@ -28,7 +28,7 @@ from jaxkd._distributions import entropy
 from jaxkd._divergences import kl_divergence
 from jaxkd._kd_losses import cross_entropy_with_integer_labels
 from jaxkd._metrics import accuracy, top1_agreement
-from jaxkd._objectives import Objective, accepts_keyword, logits_of
+from jaxkd._objectives import Objective, accepts_keyword, example_mask, logits_of
 from jaxkd._reductions import masked_means, pmean_packed
 from jaxkd._state import TrainState
 
@@ -89,6 +89,7 @@ def teacher_outputs(
 def _output_metrics(student_out, teacher_out, mask, axis_name) -> dict[str, jax.Array]:
     """Entropies and top-1 agreement over the real entries of the global batch."""
     student_logits = jax.lax.stop_gradient(logits_of(student_out))
+    mask = example_mask(mask, student_logits)
     named = {"student_entropy": (entropy(student_logits), mask)}
     if teacher_out is not None:
         teacher_logits = logits_of(teacher_out)

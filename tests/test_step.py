@@ -267,6 +267,14 @@ def test_eval_step_sums_and_summary():
         (dict(alpha=optax.linear_schedule(-0.5, 1.0, 10)), ValueError, r"alpha\(step=0\)"),
         (dict(temperature=lambda step: jnp.ones(3)), ValueError, "scalar"),
         (dict(loss=lambda s, t, *, where=None: s), ValueError, "returned shape"),
+        (dict(loss="dkd", loss_kwargs={"beta": -8.0}), ValueError, "non-negative"),
+        (dict(loss="dist", loss_kwargs={"gamma": -1.0}), ValueError, "non-negative"),
+        (dict(loss="dkd", loss_kwargs={"beta": None}), ValueError, "fails with `loss_kwargs`"),
+        (
+            dict(loss=functools.partial(jaxkd.dkd_loss, betaa=8.0)),
+            ValueError,
+            "cannot be called",
+        ),
     ],
 )
 def test_objective_rejects_bad_settings(kwargs, error, match):
@@ -404,3 +412,42 @@ def test_a_batch_level_loss_without_axis_name_is_refused_under_data_parallelism(
             jaxkd.replicate_on_mesh(teacher_variables, mesh),
             jaxkd.shard_batch(batch(0), mesh),
         )
+
+
+def test_a_bad_label_under_jit_poisons_the_update_too():
+    objective = jaxkd.hinton_objective(alpha=0.5, temperature=2.0)
+    state, teacher_variables, step = _setup(objective=objective)
+    data = batch(0)
+    labels = data["label"].copy()
+    labels[3] = 7  # one bad label among 16
+    new_state, metrics = jax.jit(step)(state, teacher_variables, {**data, "label": labels})
+    assert np.isnan(float(metrics["loss"]))
+    assert all(np.isnan(leaf).any() for leaf in jax.tree.leaves(new_state.params))
+
+
+def test_token_masks_of_logits_rank_reduce_like_per_token_masks():
+    rng = np.random.default_rng(0)
+    student = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    teacher = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(2, 3)).astype(np.int32)
+    mask = np.array([[True, True, False], [True, False, False]])
+    objective = jaxkd.hinton_objective(alpha=0.5, temperature=2.0)
+    per_token = objective(student, teacher, {"label": labels, "mask": mask}, 0)
+    broadcast = objective(student, teacher, {"label": labels, "mask": mask[..., None]}, 0)
+    chex.assert_trees_all_close(broadcast, per_token, rtol=1e-6)
+    kept = mask.ravel()
+    expected = jaxkd.hinton_loss(
+        student.reshape(6, 5)[kept],
+        teacher.reshape(6, 5)[kept],
+        labels.ravel()[kept],
+        alpha=0.5,
+        temperature=2.0,
+    ).mean()
+    np.testing.assert_allclose(per_token[0], expected, rtol=1e-6)
+
+
+def test_a_schedule_out_of_range_at_a_concrete_step_names_the_step():
+    objective = jaxkd.distillation_objective("kl", temperature=optax.linear_schedule(1.0, 0.0, 10))
+    logits = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"temperature\(step=10\).*got 0.0"):
+        objective(logits, logits, {"label": jnp.zeros(2, jnp.int32)}, jnp.int32(10))
