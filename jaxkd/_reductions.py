@@ -10,9 +10,7 @@ in which case the value returned on every device is the one a single device woul
 compute on the global batch.
 
 Several means are reduced with one collective (:func:`masked_means`), and
-:func:`pmean_packed` averages a whole pytree in one all-reduce per dtype: fewer
-collectives per step are both faster and, on simulated CPU devices, less prone
-to rendezvous stalls.
+:func:`pmean_packed` averages a whole pytree in one variadic all-reduce.
 
 Gradients flow through these reductions. Under ``jax.pmap`` and under
 ``jax.shard_map(..., check_vma=False)``, the transpose of ``psum`` is ``psum``, so
@@ -27,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PyTree = Any
 
@@ -134,22 +131,20 @@ def gather_examples(x, axis_name: str | None):
 
 
 def pmean_packed(tree: PyTree, axis_name: str) -> PyTree:
-    """``lax.pmean`` of the floating leaves of ``tree``, one all-reduce per dtype.
+    """``lax.pmean`` of the floating leaves of ``tree`` as one collective.
 
-    Leaves of one dtype are flattened into a single vector, averaged, and split
-    back; integer, bool and PRNG-key leaves are returned unchanged.
+    All floating leaves go to a single variadic ``psum`` (one all-reduce of a tuple
+    in the compiled program, not one per leaf); integer, bool and PRNG-key leaves
+    are returned unchanged.
     """
     leaves, treedef = jax.tree.flatten(tree)
-    groups: dict[Any, list[int]] = {}
-    for index, leaf in enumerate(leaves):
-        dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.floating):
-            groups.setdefault(dtype, []).append(index)
+    floating = [
+        index
+        for index, leaf in enumerate(leaves)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    ]
+    averaged = jax.lax.pmean([leaves[index] for index in floating], axis_name)
     leaves = list(leaves)
-    for indices in groups.values():
-        parts = [jnp.ravel(leaves[i]) for i in indices]
-        averaged = jax.lax.pmean(jnp.concatenate(parts), axis_name)
-        offsets = np.cumsum([0] + [part.size for part in parts])
-        for i, start, stop in zip(indices, offsets[:-1], offsets[1:], strict=True):
-            leaves[i] = averaged[start:stop].reshape(jnp.shape(leaves[i]))
+    for index, value in zip(floating, averaged, strict=True):
+        leaves[index] = value
     return jax.tree.unflatten(treedef, leaves)
