@@ -2,15 +2,15 @@
 
 The CNN (5k params) generalizes far better than the MLP (15k params) on these
 shifted, noisy 1D signals, so distillation transfers an inductive bias across
-architectures. T=1 and alpha=0.9 come from the grid sweep, chosen on the validation
+architectures. T=1 and alpha=0.5 come from the grid sweep, chosen on the validation
 split (a seeded 10% of the training split; the test split plays no part):
 
     .venv/bin/python -m experiments.sweep --config=experiments/configs/mnist1d.py \\
         --config.seeds=0 --workdir=/tmp/jaxkd-runs/sweep --temperatures=1,2,4,8 \\
         --alphas=0.5,0.9 --select_on=validation
 
-Its best validation accuracy (0.747, seed 0) was tied by T=2, alpha=0.5, and five of
-the eight trials (both included) were within 0.011 of it: the choice is a weak one.
+Its best validation accuracy (0.756, seed 0) led the next trials (T=1, alpha=0.9 and
+T=4, alpha=0.5, both 0.744) by 0.012 on 1,000 validation examples: a weak preference.
 
 The README's main experiment:
 
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     config.steps = 3000
     config.batch_size = 128
     config.distill.temperature = 1.0  # chosen on the validation split: see above
-    config.distill.alpha = 0.9
+    config.distill.alpha = 0.5
     config.eval_every = 500
     config.checkpoint_every = 500
     config.log_every = 100
