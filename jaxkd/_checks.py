@@ -71,6 +71,14 @@ def check_positive_scalar(name: str, value) -> None:
             raise ValueError(f"`{name}` must be a positive finite number, got {number}.")
 
 
+def check_non_negative(name: str, value) -> None:
+    """Raises unless ``value`` is a scalar; if concrete, it must be >= 0 (a weight)."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(value)}.")
+    if is_concrete(value) and not float(value) >= 0:
+        raise ValueError(f"`{name}` must be a non-negative weight, got {float(value)}.")
+
+
 def check_unit_interval(name: str, value, *, open_interval: bool = False) -> None:
     """Raises unless ``value`` is a scalar; if concrete, it must lie in [0, 1]."""
     if jnp.ndim(value) != 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxkd import _checks
 from jaxkd._distributions import masked_logsumexp, prepare_logits, scaled_log_softmax
@@ -41,14 +40,6 @@ def _poison(bad, loss: jax.Array, logits: jax.Array, axis: int) -> jax.Array:
     """
     finite = jnp.sum(jnp.where(jnp.isfinite(logits), logits, 0.0), axis=axis)
     return loss + jnp.where(bad, jnp.nan, 0.0).astype(loss.dtype) * finite
-
-
-def _check_non_negative(**weights) -> None:
-    for name, value in weights.items():
-        if np.ndim(value) != 0:
-            raise ValueError(f"`{name}` must be a scalar, got shape {jnp.shape(value)}.")
-        if _checks.is_concrete(value) and not float(value) >= 0:
-            raise ValueError(f"`{name}` must be a non-negative weight, got {float(value)}.")
 
 
 def cross_entropy_with_integer_labels(logits, labels, *, axis: int = -1, where=None) -> jax.Array:
@@ -169,7 +160,8 @@ def dkd_loss(
       Zhao, Cui, Song, Qiu and Liang, "Decoupled Knowledge Distillation",
       CVPR 2022. https://arxiv.org/abs/2203.08679
     """
-    _check_non_negative(alpha=alpha, beta=beta)
+    _checks.check_non_negative("alpha", alpha)
+    _checks.check_non_negative("beta", beta)
     log_p_s, log_p_t, mask, axis = softened_log_probs(
         student_logits, teacher_logits, temperature, axis, where
     )
@@ -258,7 +250,8 @@ def dist_loss(
       Huang, You, Wang, Qian and Xu, "Knowledge Distillation from A Stronger
       Teacher", NeurIPS 2022. https://arxiv.org/abs/2205.10536
     """
-    _check_non_negative(beta=beta, gamma=gamma)
+    _checks.check_non_negative("beta", beta)
+    _checks.check_non_negative("gamma", gamma)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if jnp.ndim(logits) != 2:
             raise ValueError(f"`{name}` must be [batch, classes], got shape {jnp.shape(logits)}.")
