@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxkd._cost import compiled_flops, flops_from_cost_analysis  # noqa: F401 (re-export)
+from jaxkd.train._cost import compiled_flops, flops_from_cost_analysis  # noqa: F401 (re-export)
 
 Runner = Callable[[int], None]
 """``run(n)``: performs ``n`` calls and returns when their results are ready."""

@@ -1,4 +1,4 @@
-"""Numerical tests of the softened distributions in ``jaxkd._distributions``.
+"""Numerical tests of the softened distributions in ``jaxkd.losses._distributions``.
 
 References (float64 numpy, in ``_reference.py`` and below):
 

@@ -1,4 +1,4 @@
-"""Numerical tests of the divergences in ``jaxkd._divergences``.
+"""Numerical tests of the divergences in ``jaxkd.losses._divergences``.
 
 Every reference below is float64 numpy written from the formula, with
 ``p_t = softmax(teacher / T)`` and ``p_s = softmax(student / T)`` (``_reference.py``):

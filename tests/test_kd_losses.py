@@ -1,4 +1,4 @@
-"""Numerical tests of the composite objectives in ``jaxkd._kd_losses``.
+"""Numerical tests of the composite objectives in ``jaxkd.losses._kd_losses``.
 
 References (float64 numpy, ``p = softmax(z / T)`` from ``_reference.py``):
 

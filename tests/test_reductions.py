@@ -143,7 +143,7 @@ def test_gather_examples_is_the_global_batch_in_order():
 
 
 def test_pmean_packed_equals_a_leafwise_pmean_and_keeps_other_leaves():
-    from jaxkd._reductions import pmean_packed
+    from jaxkd.parallel._reductions import pmean_packed
 
     rng = np.random.default_rng(3)
     tree = {

@@ -22,7 +22,7 @@ import pytest
 from toy import MLP, batch, init
 
 import jaxkd
-from jaxkd._teachers import ca_mkd_weights
+from jaxkd.train._teachers import ca_mkd_weights
 
 
 def np_softmax(z, axis=-1):

@@ -6,8 +6,8 @@ preserving, PKT, DIST) return a scalar for the batch. Reductions (masked means
 over one device or a data-parallel axis) live here too.
 """
 
-from jaxkd._distributions import entropy, log_softmax, softmax, standardize_logits
-from jaxkd._divergences import (
+from jaxkd.losses._distributions import entropy, log_softmax, softmax, standardize_logits
+from jaxkd.losses._divergences import (
     generalized_jsd,
     kl_divergence,
     logit_mse,
@@ -17,14 +17,24 @@ from jaxkd._divergences import (
     soft_cross_entropy,
     total_variation,
 )
-from jaxkd._feature_losses import attention_transfer_loss, hint_loss
-from jaxkd._kd_losses import cross_entropy_with_integer_labels, dist_loss, dkd_loss, hinton_loss
-from jaxkd._reductions import gather_examples, masked_mean, masked_means, masked_sum_and_count
-from jaxkd._relational_losses import (
+from jaxkd.losses._feature_losses import attention_transfer_loss, hint_loss
+from jaxkd.losses._kd_losses import (
+    cross_entropy_with_integer_labels,
+    dist_loss,
+    dkd_loss,
+    hinton_loss,
+)
+from jaxkd.losses._relational_losses import (
     pkt_loss,
     rkd_angle_loss,
     rkd_distance_loss,
     similarity_preserving_loss,
+)
+from jaxkd.parallel._reductions import (
+    gather_examples,
+    masked_mean,
+    masked_means,
+    masked_sum_and_count,
 )
 
 __all__ = [

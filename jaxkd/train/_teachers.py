@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import _checks
-from jaxkd._distributions import entropy, masked_logsumexp, prepare_logits, scaled_log_softmax
+from jaxkd.losses._distributions import (
+    entropy,
+    masked_logsumexp,
+    prepare_logits,
+    scaled_log_softmax,
+)
 
 PyTree = Any
 AGGREGATIONS = ("mean_logits", "mean_probs", "entropy", "ca_mkd")

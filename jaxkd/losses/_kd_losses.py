@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import _checks
-from jaxkd._distributions import masked_logsumexp, prepare_logits, scaled_log_softmax
-from jaxkd._divergence_terms import kl_terms
-from jaxkd._divergences import kl_divergence, softened_log_probs
-from jaxkd._reductions import gather_examples
+from jaxkd.losses._distributions import masked_logsumexp, prepare_logits, scaled_log_softmax
+from jaxkd.losses._divergence_terms import kl_terms
+from jaxkd.losses._divergences import kl_divergence, softened_log_probs
+from jaxkd.parallel._reductions import gather_examples
 
 
 def _label_masks(labels, mask, num_classes: int, axis: int):

@@ -4,7 +4,7 @@ A divergence here is ``T^2`` times a sum over classes of elementwise terms. At a
 large temperature the student's and the teacher's distributions are close, and the
 textbook terms ``p_t (log p_t - log p_s)`` subtract two separately rounded
 log-probabilities; the functions here keep float32 precision there (see the
-comment above :func:`softened_pair`). :mod:`jaxkd._divergences` builds the public
+comment above :func:`softened_pair`). :mod:`jaxkd.losses._divergences` builds the public
 losses from them.
 """
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import _checks
-from jaxkd._distributions import _as_compute_dtype, prepare_logits
+from jaxkd.losses._distributions import _as_compute_dtype, prepare_logits
 
 
 def kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:

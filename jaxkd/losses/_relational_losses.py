@@ -3,7 +3,7 @@
 They compare distances, angles or similarities between the examples of a batch, so,
 like ``dist_loss``, they are a property of the whole batch and return a scalar:
 ``rkd_distance_loss``, ``rkd_angle_loss``, ``similarity_preserving_loss`` and
-``pkt_loss``. Masks, dtypes and safe norms follow :mod:`jaxkd._feature_losses`.
+``pkt_loss``. Masks, dtypes and safe norms follow :mod:`jaxkd.losses._feature_losses`.
 
 Under data parallelism each takes ``axis_name``: the embeddings (and the mask) of
 every device are gathered over that axis first, so that the relations, the value
@@ -18,15 +18,15 @@ import jax.numpy as jnp
 import optax
 
 from jaxkd import _checks
-from jaxkd._feature_losses import (
+from jaxkd.losses._feature_losses import (
     _HIGHEST,
     _pair_mask,
     _prepare_pair,
     _safe_divide,
     _safe_normalize,
 )
-from jaxkd._kd_losses import _safe_norm
-from jaxkd._reductions import gather_examples, masked_mean
+from jaxkd.losses._kd_losses import _safe_norm
+from jaxkd.parallel._reductions import gather_examples, masked_mean
 
 
 def _relational_pair(student_embeddings, teacher_embeddings, where):

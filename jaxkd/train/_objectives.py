@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import _checks
-from jaxkd._divergences import (
+from jaxkd.losses._divergences import (
     generalized_jsd,
     kl_divergence,
     logit_mse,
@@ -43,8 +43,8 @@ from jaxkd._divergences import (
     soft_cross_entropy,
     total_variation,
 )
-from jaxkd._kd_losses import cross_entropy_with_integer_labels, dist_loss, dkd_loss
-from jaxkd._reductions import masked_means
+from jaxkd.losses._kd_losses import cross_entropy_with_integer_labels, dist_loss, dkd_loss
+from jaxkd.parallel._reductions import masked_means
 
 Objective = Callable[..., tuple[jax.Array, dict]]
 Scalar = float | Callable[[jax.Array], jax.Array]

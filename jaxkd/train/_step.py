@@ -4,7 +4,7 @@ A student ``apply`` has the signature
 ``apply(params, model_state, inputs, *, train, rng) -> (outputs, model_state)``;
 a ``teacher_apply`` has the signature ``teacher_apply(teacher_params, inputs) ->
 outputs`` and runs in inference mode. Outputs are logits ``[B, C]`` or a mapping
-with a ``"logits"`` entry. :mod:`jaxkd._adapters` builds both from Flax linen and
+with a ``"logits"`` entry. :mod:`jaxkd.train._adapters` builds both from Flax linen and
 NNX models.
 
 The same step body runs under plain ``jax.jit`` (``axis_name=None``), under
@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxkd._distributions import entropy
-from jaxkd._divergences import kl_divergence
-from jaxkd._kd_losses import cross_entropy_with_integer_labels
-from jaxkd._metrics import accuracy, top1_agreement
-from jaxkd._objectives import Objective, accepts_keyword, example_mask, logits_of
-from jaxkd._reductions import masked_means, pmean_packed
-from jaxkd._state import TrainState
+from jaxkd.losses._distributions import entropy
+from jaxkd.losses._divergences import kl_divergence
+from jaxkd.losses._kd_losses import cross_entropy_with_integer_labels
+from jaxkd.parallel._reductions import masked_means, pmean_packed
+from jaxkd.train._metrics import accuracy, top1_agreement
+from jaxkd.train._objectives import Objective, accepts_keyword, example_mask, logits_of
+from jaxkd.train._state import TrainState
 
 PyTree = Any
 StudentApply = Callable[..., tuple[Any, PyTree]]

@@ -21,7 +21,7 @@ Conventions shared by all of them:
 * In float32 the KL family (forward, reverse, skew, JSD) and the total variation
   keep about 1e-6 relative precision at any temperature: the log-ratio of close
   distributions is taken from the logits' difference, not from two rounded
-  log-probabilities (see :func:`jaxkd._divergence_terms.softened_pair`).
+  log-probabilities (see :func:`jaxkd.losses._divergence_terms.softened_pair`).
 * ``0 log 0 = 0``: classes to which a distribution gives probability 0 (masked,
   ``-inf`` logits or underflow) contribute nothing and give finite gradients.
 * Nothing stops gradients into ``teacher_logits``: the train step never
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import _checks
-from jaxkd._distributions import prepare_logits, scaled_log_softmax
-from jaxkd._divergence_terms import (
+from jaxkd.losses._distributions import prepare_logits, scaled_log_softmax
+from jaxkd.losses._divergence_terms import (
     forward_kl_terms,
     mixture_kl_terms,
     pair_divergence,

@@ -2,7 +2,7 @@
 
 Feature losses compare what the two networks compute inside, example by example:
 ``hint_loss`` (FitNets) and ``attention_transfer_loss`` return one value per example.
-The relational losses live in :mod:`jaxkd._relational_losses`.
+The relational losses live in :mod:`jaxkd.losses._relational_losses`.
 
 Conventions shared by these and the relational losses:
 
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import _checks
-from jaxkd._distributions import _as_compute_dtype
-from jaxkd._kd_losses import _safe_norm
+from jaxkd.losses._distributions import _as_compute_dtype
+from jaxkd.losses._kd_losses import _safe_norm
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
