@@ -201,7 +201,10 @@ def generalized_jsd(
     Args:
       student_logits: float array ``[..., C]``.
       teacher_logits: float array, same shape.
-      beta: static float in ``[0, 1]``, the teacher's weight in the mixture.
+      beta: scalar in ``[0, 1]``, the teacher's weight in the mixture. A Python
+        float picks the endpoint formula statically; a traced scalar (a schedule
+        inside a jitted step) computes all three and selects, and is NaN outside
+        ``[0, 1]``.
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
@@ -213,15 +216,20 @@ def generalized_jsd(
       Agarwal et al., "On-Policy Distillation of Language Models: Learning from
       Self-Generated Mistakes" (GKD), ICLR 2024. https://arxiv.org/abs/2306.13649
     """
-    if not _checks.is_concrete(beta):
-        raise TypeError("`beta` must be a concrete Python float, not a traced value.")
     _checks.check_unit_interval("beta", beta)
-    beta = float(beta)
     kwargs = dict(temperature=temperature, axis=axis, where=where)
+    if not _checks.is_concrete(beta):
+        return _generalized_jsd_traced(student_logits, teacher_logits, beta, **kwargs)
+    beta = float(beta)
     if beta == 0.0:
         return kl_divergence(student_logits, teacher_logits, **kwargs)
     if beta == 1.0:
         return reverse_kl_divergence(student_logits, teacher_logits, **kwargs)
+    return _mixture_jsd(student_logits, teacher_logits, beta, **kwargs)
+
+
+def _mixture_jsd(student_logits, teacher_logits, beta, *, temperature, axis, where):
+    """``beta KL(p_t || m) + (1 - beta) KL(p_s || m)`` for any ``beta`` in [0, 1]."""
 
     def terms(pair):
         teacher_terms, student_terms = mixture_kl_terms(pair, beta)
@@ -230,6 +238,20 @@ def generalized_jsd(
         )
 
     return pair_divergence(student_logits, teacher_logits, temperature, axis, where, terms)
+
+
+def _generalized_jsd_traced(student_logits, teacher_logits, beta, **kwargs):
+    """:func:`generalized_jsd` for a traced ``beta`` (e.g. a schedule in a jitted step).
+
+    The endpoints are selected with ``jnp.where``, so all three divergences are
+    computed; a ``beta`` outside ``[0, 1]`` gives NaN rather than a silent value.
+    """
+    beta = jnp.asarray(beta, jnp.float32)
+    mixture = _mixture_jsd(student_logits, teacher_logits, beta, **kwargs)
+    forward = kl_divergence(student_logits, teacher_logits, **kwargs)
+    reverse = reverse_kl_divergence(student_logits, teacher_logits, **kwargs)
+    value = jnp.where(beta == 0.0, forward, jnp.where(beta == 1.0, reverse, mixture))
+    return jnp.where((beta >= 0.0) & (beta <= 1.0), value, jnp.nan)
 
 
 def skew_kl_divergence(

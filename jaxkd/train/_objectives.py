@@ -173,6 +173,16 @@ class _KdTerm:
         else:
             raise TypeError(f"`loss` must be a name or a callable, got {type(loss)}.")
         self.kwargs = dict(loss_kwargs)
+        self.scheduled = sorted(name for name, value in self.kwargs.items() if callable(value))
+        self.initial = {}
+        for name in self.scheduled:
+            first = value_at(self.kwargs[name], jnp.zeros((), jnp.int32))
+            if jnp.ndim(first) != 0:
+                raise ValueError(
+                    f"The `loss_kwargs` schedule {name!r} must return a scalar, got "
+                    f"shape {jnp.shape(first)}."
+                )
+            self.initial[name] = float(first)
         reserved = sorted(set(self.kwargs) & set(_SET_BY_OBJECTIVE))
         if reserved:
             raise ValueError(
@@ -199,7 +209,7 @@ class _KdTerm:
         probe_labels = jnp.array([0, 1, 2, 0], jnp.int32)
         try:
             shape = jax.eval_shape(
-                lambda s, t: self(s, t, probe_labels, None, temperature_now, None),
+                lambda s, t: self(s, t, probe_labels, None, temperature_now, None, None),
                 probe_logits,
                 probe_logits,
             ).shape
@@ -215,8 +225,21 @@ class _KdTerm:
             )
         self.batch_level = shape == ()
 
-    def __call__(self, student_logits, teacher_logits, labels, mask, temperature, axis_name):
-        kwargs = dict(self.kwargs)
+    def options_at(self, step) -> dict[str, Any]:
+        """The loss's options at ``step``: schedules (callables) evaluated there.
+
+        ``step=None`` gives their values at step 0 as Python floats, so that the
+        loss's own range checks run on them when the objective is built.
+        """
+        if step is None:
+            return {**self.kwargs, **self.initial}
+        return {
+            name: value_at(value, step) if callable(value) else value
+            for name, value in self.kwargs.items()
+        }
+
+    def __call__(self, student_logits, teacher_logits, labels, mask, temperature, axis_name, step):
+        kwargs = self.options_at(step)
         if self.tempered:
             kwargs["temperature"] = temperature
         if mask is not None:
@@ -263,12 +286,17 @@ def distillation_objective(
       mask_key: batch key of an optional bool mask of real examples (or tokens).
       loss_kwargs: the loss's own options, e.g. ``{"beta": 0.5}`` for ``"jsd"``,
         ``{"alpha": 1.0, "beta": 8.0}`` for ``"dkd"``. Unknown or out-of-range
-        options are rejected here, when the objective is built.
+        options are rejected here, when the objective is built. A callable value
+        is a schedule ``step -> value`` (e.g. GKD's ``beta`` annealed with
+        ``optax.linear_schedule``): checked at step 0 here, evaluated at the
+        state's step inside the step, and reported as a metric under its name.
+        Inside a jitted step its range is the loss's business: ``generalized_jsd``
+        gives NaN for a traced ``beta`` outside ``[0, 1]``.
 
     Returns:
       An objective ``(student_out, teacher_out, batch, step, *, axis_name=None) ->
       (loss, metrics)`` with metrics ``loss``, ``kd_loss``, ``ce_loss``, ``alpha``,
-      ``temperature``, all of the global batch.
+      ``temperature`` (and each scheduled loss option), all of the global batch.
 
     Examples:
       >>> import functools, jaxkd
@@ -297,7 +325,7 @@ def distillation_objective(
         temperature_now = _scheduled(
             "temperature", temperature, step, _checks.check_positive_scalar, _positive
         )
-        kd = kd_term(student_logits, teacher_logits, labels, mask, temperature_now, axis_name)
+        kd = kd_term(student_logits, teacher_logits, labels, mask, temperature_now, axis_name, step)
         kept = example_mask(mask, student_logits)
         means = {}
         if not kd_term.batch_level:
@@ -322,6 +350,8 @@ def distillation_objective(
             "alpha": alpha_now,
             "temperature": temperature_now,
         }
+        for name in kd_term.scheduled:
+            metrics[name] = jnp.asarray(value_at(kd_term.kwargs[name], step), jnp.float32)
         return total, metrics
 
     return objective

@@ -110,6 +110,7 @@ def make_train_step(
     mask_key: str = "mask",
     teacher_dtype=None,
     extra_metrics: bool = True,
+    batch_transform: Callable | None = None,
 ) -> Callable[[TrainState, PyTree, Mapping], tuple[TrainState, dict]]:
     """Builds ``step(state, teacher_params, batch) -> (state, metrics)``.
 
@@ -144,6 +145,11 @@ def make_train_step(
       extra_metrics: also report entropies, agreement and gradient/parameter
         norms. Each is a few small reductions per step: negligible for large
         models, measurable (kernel launches) for tiny ones.
+      batch_transform: optional ``transform(student_params, teacher_params, batch,
+        rng, *, axis_name) -> batch`` run first, without gradient, e.g. sampling
+        continuations for on-policy distillation
+        (:func:`jaxkd.lm.generation_transform`). ``rng`` is the same on every
+        device; the transform folds in the device index where it needs to.
 
     Returns:
       The step. Its metrics: the objective's (``loss``, ``kd_loss``, ``ce_loss``,
@@ -163,6 +169,12 @@ def make_train_step(
 
     def step(state: TrainState, teacher_params: PyTree, batch: Mapping):
         _check_batch(batch, (input_key,))
+        rng = state.rng
+        if batch_transform is not None:
+            rng, transform_rng = jax.random.split(rng)
+            batch = batch_transform(
+                state.params, teacher_params, batch, transform_rng, axis_name=axis_name
+            )
         teacher_out = teacher_outputs(
             teacher_apply,
             teacher_params,
@@ -171,7 +183,7 @@ def make_train_step(
             teacher_key=teacher_key,
             teacher_dtype=teacher_dtype,
         )
-        rng, step_rng = jax.random.split(state.rng)
+        rng, step_rng = jax.random.split(rng)
         if axis_name is not None:
             step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
@@ -237,15 +249,15 @@ def make_eval_step(
       axis_name: the data-parallel axis to sum over, or ``None``.
       temperature: temperature of the reported ``T^2 KL(teacher || student)``.
       input_key: batch key of the inputs.
-      label_key: batch key of the integer labels ``[B]``.
+      label_key: batch key of the integer labels ``[B]`` (or targets ``[B, L]``).
       teacher_key: batch key of cached teacher logits.
-      mask_key: batch key of an optional bool ``[B]`` mask.
+      mask_key: batch key of an optional bool ``[B]`` (or ``[B, L]``) mask.
       teacher_dtype: lower-precision teacher forward, as in the train step.
 
     Returns:
       The eval step. Its sums: ``count``, ``correct``, ``cross_entropy``,
-      ``student_entropy``; with a teacher also ``teacher_correct``, ``agreement``,
-      ``kl`` and ``teacher_entropy``.
+      ``student_entropy``; with a teacher also ``teacher_correct``,
+      ``teacher_cross_entropy``, ``agreement``, ``kl`` and ``teacher_entropy``.
     """
 
     def eval_step(state: TrainState, teacher_params: PyTree, batch: Mapping):
@@ -281,6 +293,9 @@ def make_eval_step(
         if teacher_out is not None:
             teacher_logits = logits_of(teacher_out)
             sums["teacher_correct"] = total(accuracy(teacher_logits, labels))
+            sums["teacher_cross_entropy"] = total(
+                cross_entropy_with_integer_labels(teacher_logits, labels, where=valid)
+            )
             sums["agreement"] = total(top1_agreement(student_logits, teacher_logits))
             sums["kl"] = total(
                 kl_divergence(student_logits, teacher_logits, temperature=temperature)
@@ -303,7 +318,9 @@ def summarize_eval(sums: Mapping[str, Any]) -> dict[str, float]:
 
     Returns:
       ``count``, ``accuracy``, ``cross_entropy``, ``student_entropy`` and, with a
-      teacher, ``teacher_accuracy``, ``agreement``, ``kl`` and ``teacher_entropy``.
+      teacher, ``teacher_accuracy``, ``teacher_cross_entropy``, ``agreement``,
+      ``kl`` and ``teacher_entropy``. Over tokens (``[B, L]`` labels and mask)
+      every mean is per real token: see :func:`jaxkd.lm.summarize_token_eval`.
     """
     shapes = {key: jnp.shape(value) for key, value in sums.items() if jnp.shape(value) != ()}
     if shapes:
