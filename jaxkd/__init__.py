@@ -10,13 +10,16 @@ Every public name is importable from ``jaxkd``; the subpackages group them:
   adapters for Flax linen and NNX models, metrics.
 - ``jaxkd.parallel``: data parallelism. Reductions over a named axis that equal
   one device, and the ``pmap_step`` / ``shard_step`` runners.
+- ``jaxkd.lm``: language models. The next-token shift, a KV-cache sampler,
+  sequence-level and on-policy distillation, per-token metrics (its names are
+  used as ``jaxkd.lm.NAME``).
 """
 
-from jaxkd import losses, parallel, train
+from jaxkd import lm, losses, parallel, train
 from jaxkd.losses import *  # noqa: F403  (names listed once, in each subpackage's __all__)
 from jaxkd.parallel import *  # noqa: F403
 from jaxkd.train import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = sorted({*losses.__all__, *parallel.__all__, *train.__all__}, key=str.lower)
+__all__ = ["lm", *sorted({*losses.__all__, *parallel.__all__, *train.__all__}, key=str.lower)]

@@ -63,3 +63,36 @@ class NnxMLP(nnx.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.out(self.dropout(nnx.relu(x)))
+
+
+class TinyLM(nn.Module):
+    """A causal toy language model: embedding, running mean of the past, dense head.
+
+    Position ``t`` sees tokens ``0..t`` only (a cumulative mean), so it is causal
+    like a transformer at a fraction of the cost.
+    """
+
+    vocab_size: int = 11
+    width: int = 8
+
+    @nn.compact
+    def __call__(self, tokens, *, train: bool = False):
+        del train
+        x = nn.Embed(self.vocab_size, self.width)(tokens)
+        counts = jnp.arange(1, tokens.shape[-1] + 1, dtype=x.dtype)[None, :, None]
+        x = jnp.cumsum(x, axis=-2) / counts
+        x = nn.tanh(nn.Dense(self.width)(x))
+        return nn.Dense(self.vocab_size)(x)
+
+
+def token_batch(seed: int, size: int, length: int, vocab_size: int = 11) -> dict[str, np.ndarray]:
+    """Shifted next-token batch of random ``[size, length + 1]`` windows, all real."""
+    from jaxkd.lm import shift_tokens
+
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, (size, length + 1))
+    return shift_tokens(tokens.astype(np.int32))
+
+
+def init_lm(module: nn.Module, seed: int):
+    """Linen variables of a token model for ``[1, 4]`` int32 inputs."""
+    return module.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
