@@ -23,7 +23,7 @@ multi-host system each process loads its own slice of every global batch.
 Workdir layout::
 
     WORKDIR/seed_<s>/<run>/run_config.json  the config fields the run depends on
-    WORKDIR/seed_<s>/<run>/checkpoints/     Orbax checkpoints (state + loader position)
+    WORKDIR/seed_<s>/<run>/checkpoints/     Orbax checkpoints (state + Grain iterator state)
     WORKDIR/seed_<s>/<run>/metrics.jsonl    train and eval records
     WORKDIR/seed_<s>/<run>/result.json      final evaluation, size, FLOPs, times
     WORKDIR/results.md, results.json, training_curves.png
@@ -158,6 +158,7 @@ class Experiment:
         return models.get_model(self.config[role].model, self.spec.num_classes, **kwargs)
 
     def loader(self, seed: int) -> data.TrainLoader:
+        """This process's training batches of run seed ``seed``: a Grain ``DatasetIterator``."""
         return data.TrainLoader(
             self.train_arrays, global_batch_size=self.config.batch_size, seed=seed
         )
@@ -280,20 +281,25 @@ class Experiment:
         checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
         loader = self.loader(seed)
         elapsed = 0.0
-        restored = checkpointer.restore(state)
+        restored = checkpointer.restore(state, loader)
         if restored is not None:
-            state, extra = restored
-            loader.set_state(extra["loader"])
+            state, loader, extra = restored
             elapsed = extra["elapsed"]
         start_step = int(jax.device_get(state.step))
         if start_step == steps and os.path.exists(result_path):
             checkpointer.close()  # finished earlier: nothing to train or measure
+            loader.close()
             return jsonfiles.read(result_path), state
+        if restored is not None and "loader" in extra:
+            # Saved by the loader before Grain, whose order this one keeps: skip to its position.
+            position = extra["loader"]["epoch"] * loader.batches_per_epoch
+            for _ in range(position + extra["loader"]["index_in_epoch"]):
+                next(loader)
         if self.is_chief:  # records after the checkpoint will be written again
             jsonfiles.truncate_lines(metrics_path, last_step=start_step)
 
         def save(step):
-            checkpointer.save(step, state, {"loader": loader.get_state(), "elapsed": elapsed})
+            checkpointer.save(step, state, loader, {"elapsed": elapsed})
 
         def log(record):
             if self.is_chief:
@@ -308,7 +314,7 @@ class Experiment:
             # last checkpoint, committed atomically, survives).
             with StopOnInterrupt(enabled=jax.process_count() == 1) as stop:
                 # Compiled here, before the timer starts, on a batch like those to come.
-                example = jaxkd.shard_batch(loader.batch(**loader.get_state()), self.mesh)
+                example = jaxkd.shard_batch(loader.dataset[0], self.mesh)
                 tick = time.perf_counter()
                 compiled = train_step.lower(state, teacher_variables, example).compile()
                 compile_time = time.perf_counter() - tick
@@ -342,6 +348,7 @@ class Experiment:
         finally:
             progress.close()
             checkpointer.close()
+            loader.close()
         return result, state
 
     def _result(self, kind, seed, steps, apply, state, teacher_variables, eval_step) -> dict:
