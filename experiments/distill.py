@@ -41,7 +41,8 @@ _OVERWRITE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def main(argv, runner: str = "experiments.train"):
+    """Runs ``runner.train_and_evaluate`` on the flags' config and workdir."""
     del argv
     logging.set_verbosity(logging.WARNING)  # keep checkpoint chatter off the console
     import jax
@@ -54,9 +55,11 @@ def main(argv):
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    from experiments import train
+    import importlib
+
     from experiments.errors import run_command
 
+    train = importlib.import_module(runner)
     results = run_command(
         train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value
     )

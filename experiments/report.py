@@ -36,15 +36,20 @@ RUN_TITLES = {
 }
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def summarize(
+    results: Sequence[dict[str, Any]],
+    *,
+    columns: Sequence[tuple[str, str, str]] = COLUMNS,
+    run_titles: Mapping[str, str] = RUN_TITLES,
+) -> dict[str, dict[str, Any]]:
     """Per run kind: mean, std and values over seeds of every numeric column."""
     summary = {}
-    for kind in RUN_TITLES:
+    for kind in run_titles:
         rows = [r for r in results if r["run"] == kind]
         if not rows:
             continue
         entry = {"model": rows[0]["model"], "seeds": [r["seed"] for r in rows]}
-        for _, key, _ in COLUMNS:
+        for _, key, _ in columns:
             # None: not measured (written as null in strict JSON).
             values = np.asarray([_number(r.get(key)) for r in rows], np.float64)
             entry[key] = {
@@ -69,60 +74,82 @@ def format_mean_std(stats: dict[str, Any], fmt: str = "{:.4f}") -> str:
     return fmt.format(stats["mean"])
 
 
-def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+def markdown_table(
+    summary: dict[str, dict[str, Any]],
+    *,
+    columns: Sequence[tuple[str, str, str]] = COLUMNS,
+    run_titles: Mapping[str, str] = RUN_TITLES,
+) -> str:
     """A markdown table: one row per run kind, mean ± std over seeds."""
-    header = ["run", "model", *(title for title, _, _ in COLUMNS)]
+    header = ["run", "model", *(title for title, _, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, entry in summary.items():
-        cells = [RUN_TITLES[kind], entry["model"]]
-        cells += [format_mean_std(entry[key], fmt) for _, key, fmt in COLUMNS]
+        cells = [run_titles[kind], entry["model"]]
+        cells += [format_mean_std(entry[key], fmt) for _, key, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(workdir: str, seeds: Sequence[int], path: str) -> None:
-    """Train loss and validation (or, without one, test) accuracy against steps."""
+COLORS = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def plot_curves(
+    rundirs: Mapping[str, Sequence[str]],
+    path: str,
+    *,
+    metric: str = "accuracy",
+    run_titles: Mapping[str, str] = RUN_TITLES,
+    log_metric: bool = False,
+) -> None:
+    """Train loss and validation (or, without one, test) ``metric`` against steps.
+
+    Args:
+      rundirs: per run kind, the directories (one per seed) holding metrics.jsonl.
+      path: where to write the PNG.
+      metric: the eval record's key to plot beside the training loss.
+      run_titles: legend titles by run kind.
+      log_metric: a log scale for ``metric`` (e.g. perplexity).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"teacher": "tab:gray", "scratch": "tab:blue", "distilled": "tab:orange"}
-    for kind, color in colors.items():
-        for index, seed in enumerate(seeds):
-            metrics = os.path.join(workdir, f"seed_{seed}", kind, "metrics.jsonl")
-            records = jsonfiles.read_lines(metrics)
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for (kind, dirs), color in zip(rundirs.items(), COLORS, strict=False):
+        for index, rundir in enumerate(dirs):
+            records = jsonfiles.read_lines(os.path.join(rundir, "metrics.jsonl"))
             train = [r for r in records if r["split"] == "train"]
             splits = {r["split"] for r in records}
             shown = "validation" if "validation" in splits else "test"
-            test = [r for r in records if r["split"] == shown]
-            label = RUN_TITLES[kind] if index == 0 else None
-            if train:
-                loss_ax.plot(
-                    [r["step"] for r in train],
-                    [r["loss"] for r in train],
-                    color=color,
-                    alpha=0.8,
-                    label=label,
-                )
-            if test:
-                acc_ax.plot(
-                    [r["step"] for r in test],
-                    [r["accuracy"] for r in test],
-                    color=color,
-                    alpha=0.8,
-                    marker="o",
-                    label=label,
-                )
+            evaluated = [r for r in records if r["split"] == shown]
+            label = run_titles[kind] if index == 0 else None
+            for ax, rows, key, marker in (
+                (loss_ax, train, "loss", None),
+                (metric_ax, evaluated, metric, "o"),
+            ):
+                if rows:
+                    ax.plot(
+                        [r["step"] for r in rows],
+                        [r[key] for r in rows],
+                        color=color,
+                        alpha=0.8,
+                        marker=marker,
+                        label=label,
+                    )
     loss_ax.set(
         xlabel="step",
         ylabel="training objective",
         yscale="log",
         title="training loss (per run's own objective)",
     )
-    acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy (validation split if any)")
-    for ax in (loss_ax, acc_ax):
+    metric_ax.set(
+        xlabel="step",
+        ylabel=metric,
+        yscale="log" if log_metric else "linear",
+        title=f"{metric} (validation split if any)",
+    )
+    for ax in (loss_ax, metric_ax):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -171,5 +198,8 @@ def write_report(
         f.write(f"# {text}\n")
     record = {"title": title, "examples": dict(data_sizes or {}), "summary": summary}
     jsonfiles.write(os.path.join(workdir, "results.json"), {**record, "runs": list(results)})
-    plot_curves(workdir, seeds, os.path.join(workdir, "training_curves.png"))
+    rundirs = {
+        kind: [os.path.join(workdir, f"seed_{seed}", kind) for seed in seeds] for kind in RUN_TITLES
+    }
+    plot_curves(rundirs, os.path.join(workdir, "training_curves.png"))
     return text

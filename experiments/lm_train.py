@@ -1,0 +1,523 @@
+"""Language-model distillation: teacher, scratch, token-level KD and on-policy GKD.
+
+For the config's corpus and tokenizer, the runner trains (or reuses) one teacher
+and, for every seed, three students with the same initialization, data order,
+steps and optimizer:
+
+- ``scratch``: next-token cross-entropy only;
+- ``kd``: token-level KD, ``alpha * divergence(teacher || student) + (1 - alpha) *
+  cross-entropy`` on every real token;
+- ``gkd``: on-policy GKD: with probability ``lmbda`` the batch's continuations
+  after its first ``prompt_length`` tokens are sampled from the current student
+  (no gradient through sampling), and the loss counts continuation tokens only.
+
+Every run is evaluated on the first ``eval_windows`` windows of the validation and
+test splits (per-token cross-entropy, perplexity, ``KL(teacher || student)`` at
+T=1, top-1 agreement, entropies), and samples continuations of
+``sample_prompts`` test prompts which the teacher scores (the teacher's per-token
+NLL of the model's samples). Each run's step is compiled before its timer starts;
+``tokens_per_s`` counts training tokens over training time (data loading,
+sampling and the teacher's forward pass included).
+
+Runs resume from their checkpoints (the Grain iterator's state is saved beside
+the TrainState by Orbax) and record the config fields they depend on, including
+the corpus's fingerprint; a changed field is refused unless ``overwrite``.
+
+Workdir layout::
+
+    WORKDIR/teacher/                  the teacher (seed ``teacher.seed``)
+    WORKDIR/seed_<s>/<scratch|kd|gkd>/
+        run_config.json, checkpoints/, metrics.jsonl, result.json
+    WORKDIR/results.md, results.json, training_curves.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+import jaxkd
+from experiments import jsonfiles, report, run_config
+from experiments.checkpointing import RunCheckpointer
+from experiments.checks import check_workdir
+from experiments.data import lm_data, loader, text, tokenizer
+from experiments.errors import ExperimentError
+from experiments.interrupt import Interrupted, StopOnInterrupt
+from experiments.interrupt import message as interrupt_message
+from experiments.models import transformer
+from experiments.train import make_optimizer
+
+RUNS = ("teacher", "scratch", "kd", "gkd")
+RUN_TITLES = {
+    "teacher": "teacher",
+    "scratch": "student from scratch",
+    "kd": "student, token-level KD",
+    "gkd": "student, on-policy GKD",
+}
+# (column title, result key, format): mean +- std over seeds.
+COLUMNS = (
+    ("validation perplexity", "validation_perplexity", "{:.2f}"),
+    ("test perplexity", "perplexity", "{:.2f}"),
+    ("KL(teacher ‖ student) at T=1", "kl", "{:.4f}"),
+    ("agreement w/ teacher", "agreement", "{:.4f}"),
+    ("teacher NLL of samples", "teacher_nll_of_samples", "{:.3f}"),
+    ("params", "params", "{:,.0f}"),
+    ("FLOPs/token", "flops_per_token", "{:,.0f}"),
+    ("compile time (s)", "compile_time_s", "{:.1f}"),
+    ("train time (s)", "train_time_s", "{:.1f}"),
+    ("train tokens/s", "tokens_per_s", "{:,.0f}"),
+)
+_KEYS = ("tokens", "mask")
+# Config fields of a model size, passed to CausalTransformer.
+_SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "d_ff", "tie_embeddings")
+
+
+def describe(model: transformer.CausalTransformer) -> str:
+    """A model's size in a table cell, e.g. ``d256 x4 h4``."""
+    return f"d{model.d_model} x{model.num_layers} h{model.num_heads}"
+
+
+def shift_windows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token windows ``[B, L + 1]`` to next-token ``inputs``, ``targets``, ``mask``."""
+    return jaxkd.lm.shift_tokens(batch["tokens"], batch["mask"])
+
+
+@dataclasses.dataclass
+class LmData:
+    """The tokenizer, the training windows and the evaluation batches of a config."""
+
+    tokenizer: Any
+    fingerprint: str
+    train: lm_data.PackedWindows
+    eval_batches: dict[str, list[dict[str, np.ndarray]]]
+    prompts: np.ndarray  # int32 [sample_prompts, prompt_length]
+    tokens: dict[str, int]  # tokens per split (evaluated tokens for validation and test)
+
+
+def load_data(config: ml_collections.ConfigDict) -> LmData:
+    """Builds the corpus (once), trains the tokenizer (once), tokenizes (once)."""
+    builder = text.prepare_text(config.corpus, config.data_dir)
+    metadata = text.corpus_metadata(config.data_dir, config=config.corpus)
+    cache_dir = os.path.join(str(builder.data_dir), "jaxkd_tokens")
+    if config.tokenizer == "bytes":
+        tok = tokenizer.ByteTokenizer()
+    else:
+        tok = tokenizer.load_or_train_tokenizer(
+            config.tokenizer,
+            vocab_size=config.vocab_size,
+            directory=cache_dir,
+            corpus_fingerprint=metadata["fingerprint"],
+            documents_fn=lambda: text.read_documents(
+                "train", data_dir=config.data_dir, config=config.corpus
+            ),
+        )
+    streams = {
+        split: lm_data.token_stream(
+            split,
+            data_dir=config.data_dir,
+            config=config.corpus,
+            tokenizer=tok,
+            cache_dir=cache_dir,
+        )
+        for split in ("train", "validation", "test")
+    }
+    train = lm_data.PackedWindows(streams["train"], config.seq_len)
+    eval_batches, tokens = {}, {"train": len(train) * config.seq_len}
+    for split in ("validation", "test"):
+        windows = lm_data.PaddedWindows(streams[split], config.seq_len, tok.pad_id)
+        count = min(len(windows), config.eval_windows)
+        arrays = shift_windows(loader.read(windows, np.arange(count), keys=_KEYS))
+        eval_batches[split] = _padded_batches(arrays, config.eval_batch_size)
+        tokens[split] = int(arrays["mask"].sum())
+    test = lm_data.PackedWindows(streams["test"], config.seq_len)
+    if len(test) < config.sample_prompts:
+        raise ExperimentError(
+            f"sample_prompts={config.sample_prompts} exceeds the {len(test)} full test windows."
+        )
+    prompts = loader.read(test, np.arange(config.sample_prompts), keys=("tokens",))["tokens"]
+    return LmData(
+        tokenizer=tok,
+        fingerprint=metadata["fingerprint"],
+        train=train,
+        eval_batches=eval_batches,
+        prompts=np.asarray(prompts[:, : config.prompt_length], np.int32),
+        tokens=tokens,
+    )
+
+
+def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict]:
+    """Fixed batches of ``batch_size`` rows; the last padded with fully masked rows."""
+    count = len(arrays["mask"])
+    padded = -(-count // batch_size) * batch_size
+    arrays = {
+        key: np.concatenate([value, np.zeros((padded - count, *value.shape[1:]), value.dtype)])
+        for key, value in arrays.items()
+    }
+    return [
+        {key: value[start : start + batch_size] for key, value in arrays.items()}
+        for start in range(0, padded, batch_size)
+    ]
+
+
+def run_fields(config, kind: str, seed: int, fingerprint: str) -> dict[str, Any]:
+    """The config fields (and corpus fingerprint) a run's results depend on."""
+    names = [
+        "corpus",
+        "tokenizer",
+        "vocab_size",
+        "seq_len",
+        "prompt_length",
+        "eval_windows",
+        "sample_prompts",
+        "sampling_temperature",
+        "batch_size",
+        "optimizer",
+        "schedule",
+        "warmup_steps",
+        "weight_decay",
+        "teacher",
+    ]
+    if kind != "teacher":
+        names += ["student", "steps", "learning_rate"]
+    if kind in ("kd", "gkd"):
+        names.append(kind)
+    fields = {"seed": int(seed), "corpus_fingerprint": fingerprint}
+    for name in names:
+        value = config[name]
+        fields[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return jsonfiles.strict(fields)
+
+
+class LmExperiment:
+    """Data, models and mesh shared by the runs of one config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        self.data = load_data(config)
+        self.mesh = jaxkd.data_mesh()
+        self.is_chief = jax.process_index() == 0
+        self._eval_steps = {}
+        vocab_size = self.data.tokenizer.vocab_size
+        self.models = {
+            role: transformer.CausalTransformer(
+                vocab_size=vocab_size,
+                max_length=config.seq_len + 1,
+                **{k: config[role][k] for k in _SIZE_FIELDS},
+            )
+            for role in ("teacher", "student")
+        }
+
+    def rundir(self, kind: str, seed: int) -> str:
+        if kind == "teacher":
+            return os.path.join(self.workdir, "teacher")
+        return os.path.join(self.workdir, f"seed_{seed}", kind)
+
+    def fields(self, kind: str, seed: int) -> dict[str, Any]:
+        return run_fields(self.config, kind, seed, self.data.fingerprint)
+
+    def _objective(self, kind: str):
+        config = self.config
+        if kind in ("teacher", "scratch"):
+            return jaxkd.cross_entropy_objective(label_key="targets")
+        settings = config[kind]
+        return jaxkd.distillation_objective(
+            settings.loss,
+            alpha=settings.alpha,
+            temperature=settings.temperature,
+            label_key="targets",
+            loss_kwargs=settings.loss_kwargs.to_dict(),
+        )
+
+    def generate(self, model, *, temperature: float):
+        """``generate(params, prompts, prompt_mask, rng)``: continuations to ``seq_len + 1``."""
+        config = self.config
+        return jaxkd.lm.make_generate(
+            transformer.decode_fn(model),
+            functools.partial(transformer.init_cache, model),
+            max_new_tokens=config.seq_len + 1 - config.prompt_length,
+            temperature=temperature,
+            eos_id=self.data.tokenizer.eos_id,
+            pad_id=self.data.tokenizer.pad_id,
+        )
+
+    def train_step(self, kind: str, model, teacher_apply, optimizer):
+        transform = None
+        if kind == "gkd":
+            transform = jaxkd.lm.generation_transform(
+                self.generate(model, temperature=self.config.gkd.sampling_temperature),
+                prompt_length=self.config.prompt_length,
+                lmbda=self.config.gkd.lmbda,
+                policy="student",
+            )
+        step = jaxkd.make_train_step(
+            jaxkd.linen_apply(model),
+            teacher_apply if kind in ("kd", "gkd") else None,
+            self._objective(kind),
+            optimizer,
+            axis_name="data",
+            input_key="inputs",
+            batch_transform=transform,
+        )
+        return jaxkd.shard_step(step, self.mesh)
+
+    def evaluate(self, model, state, teacher) -> dict[str, Any]:
+        """Per-token metrics of every evaluated split, and the teacher's NLL of samples."""
+        teacher_apply, teacher_variables = teacher if teacher else (None, None)
+        key = (model, teacher_apply)
+        if key not in self._eval_steps:  # compiled once per (model, teacher)
+            self._eval_steps[key] = jaxkd.shard_step(
+                jaxkd.make_eval_step(
+                    jaxkd.linen_apply(model),
+                    teacher_apply,
+                    axis_name="data",
+                    temperature=1.0,
+                    input_key="inputs",
+                    label_key="targets",
+                ),
+                self.mesh,
+                donate=False,
+            )
+        evaluate = self._eval_steps[key]
+        results = {}
+        for split, batches in self.data.eval_batches.items():
+            totals = None
+            for batch in batches:
+                sums = evaluate(state, teacher_variables, jaxkd.shard_batch(batch, self.mesh))
+                totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+            results[split] = jaxkd.lm.summarize_token_eval(jax.device_get(totals))
+        return results
+
+    def teacher_nll_of_samples(self, model, params, teacher, seed: int) -> float:
+        """The teacher's per-token NLL of ``model``'s continuations of the test prompts."""
+        teacher_apply, teacher_variables = teacher
+        generate = self.generate(model, temperature=self.config.sampling_temperature)
+        prompts = self.data.prompts
+
+        @jax.jit
+        def score(params, teacher_variables, rng):
+            output = generate(params, prompts, np.ones(prompts.shape, bool), rng)
+            batch = jaxkd.lm.generated_batch(output)
+            logits = teacher_apply(teacher_variables, batch["inputs"])
+            return jaxkd.lm.sequence_nll(logits, batch["targets"], batch["mask"])
+
+        rng = jax.random.fold_in(jax.random.key(seed), 12345)
+        total, count = jax.device_get(score(params, teacher_variables, rng))
+        return float(total) / float(count)
+
+    def run(self, kind: str, seed: int, teacher=None) -> tuple[dict[str, Any], Any]:
+        """Trains one run to its steps, resuming from its last checkpoint."""
+        config = self.config
+        role = "teacher" if kind == "teacher" else "student"
+        model = self.models[role]
+        steps = config.teacher.steps if kind == "teacher" else config.steps
+        learning_rate = config.teacher.learning_rate if kind == "teacher" else config.learning_rate
+        rundir = self.rundir(kind, seed)
+        fields = self.fields(kind, seed)
+        name = os.path.relpath(rundir, self.workdir)
+        run_config.check_runs({rundir: fields}, self.workdir, overwrite=False)
+        os.makedirs(rundir, exist_ok=True)
+        if self.is_chief:
+            run_config.record(rundir, fields)
+        result_path = os.path.join(rundir, "result.json")
+        metrics_path = os.path.join(rundir, "metrics.jsonl")
+        optimizer = make_optimizer(config, steps=steps, learning_rate=learning_rate)
+        teacher_apply, teacher_variables = teacher if teacher else (None, None)
+        train_step = self.train_step(kind, model, teacher_apply, optimizer)
+        # Every student of a seed starts from the same initialization.
+        init_key = jax.random.fold_in(jax.random.key(seed), 0 if kind == "teacher" else 1)
+        example = shift_windows(loader.read(self.data.train, np.arange(2), keys=_KEYS))
+        params = model.init(init_key, example["inputs"])["params"]
+        state = jaxkd.TrainState.create(params=params, optimizer=optimizer, rng=seed)
+        state = jaxkd.replicate_on_mesh(state, self.mesh)
+        if teacher_variables is not None:
+            teacher_variables = jaxkd.replicate_on_mesh(teacher_variables, self.mesh)
+        dataset = loader.train_dataset(
+            self.data.train,
+            global_batch_size=config.batch_size,
+            seed=seed,
+            keys=_KEYS,
+            transform=shift_windows,
+        )
+        batches = iter(dataset.to_iter_dataset(loader.default_read_options(self.data.train)))
+        checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
+        elapsed = 0.0
+        restored = checkpointer.restore(state, batches)
+        if restored is not None:
+            state, batches, extra = restored
+            elapsed = extra["elapsed"]
+        start_step = int(jax.device_get(state.step))
+        if start_step == steps and os.path.exists(result_path):
+            checkpointer.close()
+            return jsonfiles.read(result_path), state
+        if self.is_chief:
+            jsonfiles.truncate_lines(metrics_path, last_step=start_step)
+
+        def save(step):
+            checkpointer.save(step, state, batches, {"elapsed": elapsed})
+
+        def log(record):
+            if self.is_chief:
+                jsonfiles.append_line(metrics_path, jsonfiles.strict(record))
+
+        progress = tqdm(
+            total=steps, initial=start_step, desc=name, disable=not self.is_chief, leave=False
+        )
+        teacher_arg = teacher_variables if kind in ("kd", "gkd") else None
+        try:
+            with StopOnInterrupt(enabled=jax.process_count() == 1) as stop:
+                tick = time.perf_counter()
+                compiled = train_step.lower(
+                    state, teacher_arg, jaxkd.shard_batch(dataset[0], self.mesh)
+                ).compile()
+                compile_time = time.perf_counter() - tick
+                for step in range(start_step + 1, steps + 1):
+                    if stop.requested:
+                        if step - 1 > start_step:
+                            save(step - 1)
+                        raise Interrupted(interrupt_message(step - 1, name))
+                    tick = time.perf_counter()
+                    batch = jaxkd.shard_batch(next(batches), self.mesh)
+                    state, metrics = compiled(state, teacher_arg, batch)
+                    jax.block_until_ready(state)
+                    elapsed += time.perf_counter() - tick
+                    if step % config.log_every == 0 or step == steps:
+                        log({"step": step, "split": "train", **jax.device_get(metrics)})
+                    if step % config.eval_every == 0 or step == steps:
+                        evaluated = self.evaluate(model, state, teacher)
+                        for split, summary in evaluated.items():
+                            log({"step": step, "split": split, **summary})
+                    if step == steps or (
+                        config.checkpoint_every and step % config.checkpoint_every == 0
+                    ):
+                        save(step)
+                    progress.update(1)
+                if start_step == steps:  # killed after the last checkpoint, before the result
+                    evaluated = self.evaluate(model, state, teacher)
+                result = self._result(kind, seed, model, state, teacher, steps, evaluated)
+                result.update(
+                    compile_time_s=compile_time,
+                    train_time_s=elapsed,
+                    tokens_per_s=steps * config.batch_size * config.seq_len / elapsed,
+                )
+                if self.is_chief:
+                    jsonfiles.write(result_path, result)
+                if stop.requested:
+                    raise Interrupted(interrupt_message(steps, name))
+        finally:
+            progress.close()
+            checkpointer.close()
+        return result, state
+
+    def _result(self, kind, seed, model, state, teacher, steps, final) -> dict[str, Any]:
+        """The result record: the final evaluation, size, FLOPs, the samples' NLL."""
+        params = jax.device_get(state.params)
+        if teacher is None:  # the teacher scores its own samples
+            teacher = (jaxkd.linen_teacher_apply(model, train_kwarg=None), {"params": params})
+        return {
+            "run": kind,
+            "seed": seed,
+            "model": describe(model),
+            "vocab_size": self.data.tokenizer.vocab_size,
+            "steps": steps,
+            "params": jaxkd.count_params(params),
+            "flops_per_token": transformer.flops_per_token(model, self.config.seq_len),
+            "teacher_nll_of_samples": self.teacher_nll_of_samples(model, params, teacher, seed),
+            **final["test"],
+            **{f"validation_{key}": value for key, value in final["validation"].items()},
+        }
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """Runs the teacher, then every seed's scratch, KD and GKD students; writes the report.
+
+    Raises:
+      ExperimentError: a bad config or workdir, or (without ``overwrite``) runs
+        made with another config; nothing is trained.
+      Interrupted: on SIGINT, after saving the running model's checkpoint.
+    """
+    check_workdir(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if config.batch_size % jax.device_count():
+        raise ExperimentError(
+            f"batch_size={config.batch_size} must be divisible by the {jax.device_count()} devices."
+        )
+    if not 1 <= config.prompt_length <= config.seq_len:
+        raise ExperimentError(
+            f"prompt_length={config.prompt_length} must be in [1, seq_len={config.seq_len}]."
+        )
+    experiment = LmExperiment(config, workdir)
+    seeds = [int(seed) for seed in config.seeds]
+    planned = {experiment.rundir("teacher", 0): experiment.fields("teacher", config.teacher.seed)}
+    for seed in seeds:
+        for kind in RUNS[1:]:
+            planned[experiment.rundir(kind, seed)] = experiment.fields(kind, seed)
+    run_config.check_runs(planned, workdir, overwrite=overwrite)
+    if experiment.is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    teacher_result, teacher_state = experiment.run("teacher", config.teacher.seed)
+    teacher_model = experiment.models["teacher"]
+    teacher = (
+        jaxkd.linen_teacher_apply(teacher_model, train_kwarg=None),
+        {"params": teacher_state.params},
+    )
+    results = [teacher_result]
+    for seed in seeds:
+        for kind in RUNS[1:]:
+            results.append(experiment.run(kind, seed, teacher)[0])
+    if experiment.is_chief:
+        write_report(results, config, workdir, experiment.data.tokens)
+    return results
+
+
+def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
+    """Writes results.md, results.json and training_curves.png; returns the text."""
+    summary = report.summarize(results, columns=COLUMNS, run_titles=RUN_TITLES)
+    table = report.markdown_table(summary, columns=COLUMNS, run_titles=RUN_TITLES)
+    seeds = sorted({r["seed"] for r in results if r["run"] != "teacher"})
+    title = (
+        f"python_stdlib_source/{config.corpus}, {config.tokenizer} vocabulary "
+        f"{results[0]['vocab_size']:,}: token-level KD "
+        f"({config.kd.loss}, T={config.kd.temperature}, alpha={config.kd.alpha}) and "
+        f"on-policy GKD ({config.gkd.loss} {config.gkd.loss_kwargs.to_dict()}, "
+        f"lmbda={config.gkd.lmbda}), {config.steps} student steps, seeds {seeds}"
+    )
+    note = (
+        "Tokens: "
+        + " / ".join(f"{count:,} {split}" for split, count in tokens.items())
+        + " (validation and test: the evaluated windows); perplexity, KL and agreement "
+        "are per real token of the test windows (validation perplexity on validation); "
+        "the teacher's NLL (nats/token) of each model's sampled continuations of "
+        f"{config.sample_prompts} test prompts of {config.prompt_length} tokens."
+    )
+    text_out = "\n\n".join((title, note, table))
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(f"# {text_out}\n")
+    record = {"title": title, "tokens": tokens, "summary": summary, "runs": list(results)}
+    jsonfiles.write(os.path.join(workdir, "results.json"), record)
+    curves = {
+        kind: [
+            os.path.join(workdir, "teacher" if kind == "teacher" else f"seed_{seed}/{kind}")
+            for seed in (seeds if kind != "teacher" else [None])
+        ]
+        for kind in RUNS
+    }
+    report.plot_curves(
+        curves,
+        os.path.join(workdir, "training_curves.png"),
+        metric="perplexity",
+        run_titles=RUN_TITLES,
+        log_metric=True,
+    )
+    return text_out
