@@ -481,6 +481,12 @@ def train_and_evaluate(
     return results
 
 
+def _loss_name(settings) -> str:
+    """``"jsd beta=0.1"``: a loss and its options, for a title."""
+    options = " ".join(f"{k}={v}" for k, v in settings.loss_kwargs.to_dict().items())
+    return f"{settings.loss} {options}".strip()
+
+
 def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
     """Writes results.md, results.json and training_curves.png; returns the text."""
     summary = report.summarize(results, columns=COLUMNS, run_titles=RUN_TITLES)
@@ -489,8 +495,8 @@ def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
     title = (
         f"python_stdlib_source/{config.corpus}, {config.tokenizer} vocabulary "
         f"{results[0]['vocab_size']:,}: token-level KD "
-        f"({config.kd.loss}, T={config.kd.temperature}, alpha={config.kd.alpha}) and "
-        f"on-policy GKD ({config.gkd.loss} {config.gkd.loss_kwargs.to_dict()}, "
+        f"({_loss_name(config.kd)}, T={config.kd.temperature}, alpha={config.kd.alpha}) and "
+        f"on-policy GKD ({_loss_name(config.gkd)}, alpha={config.gkd.alpha}, "
         f"lmbda={config.gkd.lmbda}), {config.steps} student steps, seeds {seeds}"
     )
     note = (
