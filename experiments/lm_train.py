@@ -287,10 +287,15 @@ class LmExperiment:
                 donate=False,
             )
         evaluate = self._eval_steps[key]
+        # Each process feeds its contiguous slice of every global batch.
+        local = loader.process_slice(
+            self.config.eval_batch_size, jax.process_index(), jax.process_count()
+        )
         results = {}
         for split, batches in self.data.eval_batches.items():
             totals = None
             for batch in batches:
+                batch = {key: value[local] for key, value in batch.items()}
                 sums = evaluate(state, teacher_variables, jaxkd.shard_batch(batch, self.mesh))
                 totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
             results[split] = jaxkd.lm.summarize_token_eval(jax.device_get(totals))
@@ -436,6 +441,52 @@ class LmExperiment:
         }
 
 
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks a config before anything is built or trained.
+
+    Raises:
+      ExperimentError: naming the first bad field and its value.
+    """
+
+    def fail(message: str):
+        raise ExperimentError(f"Bad config: {message}")
+
+    if config.corpus not in ("full", "small"):
+        fail(f'corpus={config.corpus!r}; expected "full" or "small".')
+    if config.tokenizer not in ("bpe", "bytes"):
+        fail(f'tokenizer={config.tokenizer!r}; expected "bpe" or "bytes".')
+    for name in ("seq_len", "steps", "eval_windows", "sample_prompts"):
+        if int(config[name]) < 1:
+            fail(f"{name}={config[name]} must be >= 1.")
+    if int(config.teacher.steps) < 1:
+        fail(f"teacher.steps={config.teacher.steps} must be >= 1.")
+    if not 1 <= config.prompt_length <= config.seq_len:
+        fail(f"prompt_length={config.prompt_length} must be in [1, seq_len={config.seq_len}].")
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] < 1 or config[name] % num_devices:
+            fail(f"{name}={config[name]} must be a positive multiple of the {num_devices} devices.")
+    for name in ("kd", "gkd"):
+        settings = config[name]
+        try:  # the objective checks the loss, its options, alpha and temperature
+            jaxkd.distillation_objective(
+                settings.loss,
+                alpha=settings.alpha,
+                temperature=settings.temperature,
+                label_key="targets",
+                loss_kwargs=settings.loss_kwargs.to_dict(),
+            )
+        except (TypeError, ValueError) as error:
+            fail(f"{name}: {error}")
+    if not 0.0 <= config.gkd.lmbda <= 1.0:
+        fail(f"gkd.lmbda={config.gkd.lmbda} must lie in [0, 1].")
+    for name, value in (
+        ("gkd.sampling_temperature", config.gkd.sampling_temperature),
+        ("sampling_temperature", config.sampling_temperature),
+    ):
+        if value < 0:
+            fail(f"{name}={value} must be >= 0 (0 samples greedily).")
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
 ) -> list[dict[str, Any]]:
@@ -446,16 +497,9 @@ def train_and_evaluate(
         made with another config; nothing is trained.
       Interrupted: on SIGINT, after saving the running model's checkpoint.
     """
+    validate_config(config, jax.device_count())
     check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if config.batch_size % jax.device_count():
-        raise ExperimentError(
-            f"batch_size={config.batch_size} must be divisible by the {jax.device_count()} devices."
-        )
-    if not 1 <= config.prompt_length <= config.seq_len:
-        raise ExperimentError(
-            f"prompt_length={config.prompt_length} must be in [1, seq_len={config.seq_len}]."
-        )
     experiment = LmExperiment(config, workdir)
     seeds = [int(seed) for seed in config.seeds]
     planned = {experiment.rundir("teacher", 0): experiment.fields("teacher", config.teacher.seed)}

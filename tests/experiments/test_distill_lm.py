@@ -17,6 +17,7 @@ import pytest
 
 from experiments import jsonfiles, lm_train
 from experiments.configs import lm_stdlib
+from experiments.errors import ExperimentError
 from experiments.run_config import StaleRunError
 
 
@@ -76,3 +77,27 @@ def test_a_changed_field_is_refused_for_the_runs_that_depend_on_it(finished):
     message = str(error.value)
     assert "seed_0/kd" in message and "kd:" in message
     assert "gkd" not in message and "scratch" not in message
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prompt_length", 0, "prompt_length=0"),
+        ("seq_len", 4, "prompt_length=8 must be in \\[1, seq_len=4\\]"),
+        ("tokenizer", "wordpiece", "tokenizer='wordpiece'"),
+        ("batch_size", 3, "batch_size=3"),
+        ("kd.loss", "nonexistent", "kd: Unknown `loss` 'nonexistent'"),
+        ("gkd.lmbda", 1.5, "gkd.lmbda=1.5"),
+        ("gkd.alpha", 2.0, "gkd: `alpha` must lie in \\[0, 1\\]"),
+    ],
+)
+def test_a_bad_config_is_refused_before_anything_runs(tmp_path, field, value, message):
+    config = lm_stdlib.get_config("quick")
+    node, *rest = field.split(".")
+    if rest:
+        config[node][rest[0]] = value
+    else:
+        config[field] = value
+    with pytest.raises(ExperimentError, match=message):
+        lm_train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
