@@ -182,9 +182,12 @@ def run_fields(config, kind: str, seed: int, fingerprint: str) -> dict[str, Any]
         "optimizer",
         "schedule",
         "warmup_steps",
-        "weight_decay",
         "teacher",
     ]
+    if config.optimizer == "sgd":
+        names.append("momentum")
+    if config.optimizer in ("sgd", "adamw"):
+        names.append("weight_decay")
     if kind != "teacher":
         names += ["student", "steps", "learning_rate"]
     if kind in ("kd", "gkd"):
@@ -192,7 +195,11 @@ def run_fields(config, kind: str, seed: int, fingerprint: str) -> dict[str, Any]
     fields = {"seed": int(seed), "corpus_fingerprint": fingerprint}
     for name in names:
         value = config[name]
-        fields[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+        if isinstance(value, ml_collections.ConfigDict):  # one field per leaf: "kd.alpha"
+            for key, leaf in value.to_dict().items():
+                fields[f"{name}.{key}"] = leaf
+        else:
+            fields[name] = value
     return jsonfiles.strict(fields)
 
 
@@ -329,9 +336,6 @@ class LmExperiment:
         fields = self.fields(kind, seed)
         name = os.path.relpath(rundir, self.workdir)
         run_config.check_runs({rundir: fields}, self.workdir, overwrite=False)
-        os.makedirs(rundir, exist_ok=True)
-        if self.is_chief:
-            run_config.record(rundir, fields)
         result_path = os.path.join(rundir, "result.json")
         metrics_path = os.path.join(rundir, "metrics.jsonl")
         optimizer = make_optimizer(config, steps=steps, learning_rate=learning_rate)
@@ -341,6 +345,11 @@ class LmExperiment:
         init_key = jax.random.fold_in(jax.random.key(seed), 0 if kind == "teacher" else 1)
         example = shift_windows(loader.read(self.data.train, np.arange(2), keys=_KEYS))
         params = model.init(init_key, example["inputs"])["params"]
+        # Recorded once the run's step and model are built: a config that fails to
+        # build leaves nothing that would refuse its correction.
+        os.makedirs(rundir, exist_ok=True)
+        if self.is_chief:
+            run_config.record(rundir, fields)
         state = jaxkd.TrainState.create(params=params, optimizer=optimizer, rng=seed)
         state = jaxkd.replicate_on_mesh(state, self.mesh)
         if teacher_variables is not None:
@@ -360,6 +369,8 @@ class LmExperiment:
             state, batches, extra = restored
             elapsed = extra["elapsed"]
         start_step = int(jax.device_get(state.step))
+        if 0 < start_step < steps and self.is_chief:
+            tqdm.write(f"{name}: resuming from step {start_step}")
         if start_step == steps and os.path.exists(result_path):
             checkpointer.close()
             return jsonfiles.read(result_path), state
@@ -460,6 +471,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             fail(f"{name}={config[name]} must be >= 1.")
     if int(config.teacher.steps) < 1:
         fail(f"teacher.steps={config.teacher.steps} must be >= 1.")
+    for role in ("teacher", "student"):
+        width, heads = config[role].d_model, config[role].num_heads
+        if heads < 1 or width % heads or (width // heads) % 2:
+            fail(
+                f"{role}.d_model={width} must split into {role}.num_heads={heads} heads of "
+                "even size (RoPE rotates pairs of channels)."
+            )
     if not 1 <= config.prompt_length <= config.seq_len:
         fail(f"prompt_length={config.prompt_length} must be in [1, seq_len={config.seq_len}].")
     for name in ("batch_size", "eval_batch_size"):

@@ -119,8 +119,10 @@ def generation_transform(
       lmbda: probability that a step's batch is generated rather than the data's
         (GKD's lambda; 1.0 always generates). One draw per step, shared by all
         devices of a data-parallel step.
-      policy: ``"student"`` (on-policy: the current student's params) or
-        ``"teacher"`` (sequence-level KD).
+      policy: ``"student"`` (on-policy: ``generate`` gets the student's params as
+        the step holds them) or ``"teacher"`` (sequence-level KD: ``generate`` gets
+        ``teacher_params`` exactly as passed to the step, e.g. a linen teacher's
+        whole variables dict ``{"params": ...}``; its decode must accept that form).
       input_key, target_key, mask_key: the batch's keys.
 
     Returns:

@@ -42,6 +42,8 @@ def shift_tokens(tokens, mask=None, *, target_mask=None) -> dict:
       >>> batch["inputs"].tolist(), batch["targets"].tolist(), batch["mask"].tolist()
       ([[5, 6, 7]], [[6, 7, 0]], [[True, True, False]])
     """
+    if not isinstance(tokens, np.ndarray | jnp.ndarray):
+        tokens = np.asarray(tokens)  # e.g. nested lists
     xp = _module_of(tokens)
     shape = np.shape(tokens)
     if len(shape) < 1 or shape[-1] < 2:
@@ -53,8 +55,8 @@ def shift_tokens(tokens, mask=None, *, target_mask=None) -> dict:
             raise ValueError(
                 f"`{name}` must have the shape of `tokens` {shape}, got {np.shape(value)}."
             )
-    mask = xp.ones(shape, bool) if mask is None else mask.astype(bool)
-    target_mask = mask if target_mask is None else target_mask.astype(bool)
+    mask = xp.ones(shape, bool) if mask is None else xp.asarray(mask).astype(bool)
+    target_mask = mask if target_mask is None else xp.asarray(target_mask).astype(bool)
     return {
         "inputs": tokens[..., :-1],
         "targets": tokens[..., 1:],
