@@ -117,33 +117,45 @@ def _spread_objective():
     return objective
 
 
-def _one_sharded_step(name, seed):
-    """One data-parallel step from ``seed``, every device holding the same 2 examples."""
-    apply, params, model_state = STUDENTS[name]()
+def _sharded_step(name):
+    """A newly built data-parallel step of student ``name``, as ``seed -> (state, metrics)``.
+
+    Every call of the result starts from freshly initialized params, with every device
+    holding the same 2 examples.
+    """
+    apply = STUDENTS[name]()[0]
     optimizer = optax.sgd(0.1)
     step = jaxkd.make_train_step(apply, None, _spread_objective(), optimizer, axis_name=AXIS)
     mesh = jaxkd.data_mesh()
-    state = jaxkd.TrainState.create(
-        params=params, optimizer=optimizer, model_state=model_state, rng=seed
-    )
+    run = jaxkd.shard_step(step, mesh)
     examples = batch(0, size=2)
     data = {key: np.concatenate([value] * NUM_DEVICES) for key, value in examples.items()}
-    state, metrics = jaxkd.shard_step(step, mesh)(
-        jaxkd.replicate_on_mesh(state, mesh), None, jaxkd.shard_batch(data, mesh)
-    )
-    return jax.device_get(state), jax.device_get(metrics)
+
+    def one_step(seed):
+        _, params, model_state = STUDENTS[name]()
+        state = jaxkd.TrainState.create(
+            params=params, optimizer=optimizer, model_state=model_state, rng=seed
+        )
+        state, metrics = run(
+            jaxkd.replicate_on_mesh(state, mesh), None, jaxkd.shard_batch(data, mesh)
+        )
+        return jax.device_get(state), jax.device_get(metrics)
+
+    return one_step
 
 
 @pytest.mark.parametrize("name", sorted(STUDENTS))
 def test_train_step_uses_the_state_key_per_device(name):
-    state, metrics = _one_sharded_step(name, seed=0)
+    one_step = _sharded_step(name)
+    state, metrics = one_step(seed=0)
     # Same examples on every device, different masks: the logits differ across devices.
     assert metrics["device_spread"] > 0
-    # Reproducible from the seed.
-    rerun, _ = _one_sharded_step(name, seed=0)
+    # Reproducible from the seed, by a step built again (as a rerun would).
+    rerun, _ = _sharded_step(name)(seed=0)
     _assert_states_equal(rerun, state)
-    # Another seed, other masks, another update.
-    other, _ = _one_sharded_step(name, seed=1)
+    # Another seed, other masks, another update: from the same compiled step, so
+    # the masks can only come from the state's key.
+    other, _ = one_step(seed=1)
     assert any(
         not np.allclose(a, b)
         for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(state.params), strict=True)

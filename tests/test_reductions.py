@@ -119,7 +119,7 @@ def test_uneven_masks_on_8_devices_equal_one_device_value_and_gradient():
     def loss(w, x, mask, axis_name=None):
         return jaxkd.masked_mean(jnp.square(x @ w), mask, axis_name=axis_name)
 
-    value, grad = jax.value_and_grad(loss)(w, x, mask)
+    value, grad = jax.jit(jax.value_and_grad(loss))(w, x, mask)
 
     def body(w, x, mask):
         value, grad = jax.value_and_grad(loss)(w, x, mask, AXIS)
@@ -193,22 +193,18 @@ def test_batch_level_losses_gather_the_global_batch(name):
     def loss(projection, inputs, teacher, mask, axis_name=None):
         return loss_fn(inputs @ projection, teacher, where=mask, axis_name=axis_name)
 
-    value, grad = jax.value_and_grad(loss)(projection, inputs, teacher, mask)
+    # Jitted: eager differentiation dispatches (and compiles) every primitive alone.
+    value, grad = jax.jit(jax.value_and_grad(loss))(projection, inputs, teacher, mask)
 
     def body(projection, inputs, teacher, mask):
         value, grad = jax.value_and_grad(loss)(projection, inputs, teacher, mask, AXIS)
-        return value, jax.lax.pmean(grad, AXIS)
+        # Per shard (no axis_name), in the same program to compile once.
+        local = jax.lax.pmean(loss(projection, inputs, teacher, mask), AXIS)
+        return (value, jax.lax.pmean(grad, AXIS)), local
 
-    sharded = _on_devices(body, inputs, teacher, mask, replicated=(projection,))
+    sharded, local = _on_devices(body, inputs, teacher, mask, replicated=(projection,))
     chex.assert_trees_all_close(sharded, (value, grad), rtol=1e-5, atol=1e-6)
     # Per shard (no axis_name) the value differs: the relations span devices.
-    local = _on_devices(
-        lambda p, x, t, m: jax.lax.pmean(loss(p, x, t, m), AXIS),
-        inputs,
-        teacher,
-        mask,
-        replicated=(projection,),
-    )
     assert abs(float(local) - float(value)) > 1e-3
 
 
