@@ -29,8 +29,16 @@ def _hinton(student=STUDENT, teacher=TEACHER, labels=LABELS, **kwargs):
     return lambda: jaxkd.hinton_loss(student, teacher, labels, **options)
 
 
-def _traced_beta():
-    return jax.jit(lambda beta: jaxkd.generalized_jsd(STUDENT, TEACHER, beta=beta))(0.5)
+def _traced_beta(beta):
+    return jax.jit(lambda beta: jaxkd.generalized_jsd(STUDENT, TEACHER, beta=beta))(beta)
+
+
+def test_a_traced_beta_equals_the_static_one_and_is_nan_outside_the_unit_interval():
+    for beta in (0.0, 0.3, 1.0):
+        np.testing.assert_allclose(
+            _traced_beta(beta), jaxkd.generalized_jsd(STUDENT, TEACHER, beta=beta), rtol=1e-6
+        )
+    assert np.all(np.isnan(_traced_beta(-0.5)))
 
 
 def _shape_mismatch(student_shape, teacher_shape):
@@ -323,10 +331,10 @@ WEIGHT_CASES = [
         id="generalized_jsd-beta-negative",
     ),
     pytest.param(
-        _traced_beta,
-        TypeError,
-        re.escape("`beta` must be a concrete Python float, not a traced value."),
-        id="generalized_jsd-traced-beta",
+        lambda: _traced_beta(np.full(2, 0.5, np.float32)),
+        ValueError,
+        re.escape("`beta` must be a scalar, got shape (2,)"),
+        id="generalized_jsd-traced-beta-not-scalar",
     ),
 ]
 

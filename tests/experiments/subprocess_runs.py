@@ -25,8 +25,6 @@ SHORT_RUN = (
     "--config.momentum=0",
     "--config.learning_rate=0.2",
     "--config.teacher.learning_rate=0.2",
-    # Checkpoints at 10, 20 and 30: the resume test signals a run once its step-10
-    # checkpoint exists; each (synchronous) save costs about as much as many steps.
     "--config.checkpoint_every=5",
     "--config.eval_every=15",
     "--config.log_every=5",
