@@ -7,6 +7,7 @@ factor), whatever temperature the student was distilled at.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -116,7 +117,7 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for (kind, dirs), color in zip(rundirs.items(), COLORS, strict=False):
+    for (kind, dirs), color in zip(rundirs.items(), itertools.cycle(COLORS)):
         for index, rundir in enumerate(dirs):
             records = jsonfiles.read_lines(os.path.join(rundir, "metrics.jsonl"))
             train = [r for r in records if r["split"] == "train"]

@@ -315,9 +315,8 @@ def train_iterator(
 
     Example (a language model's windows)::
 
-        def shift(batch):  # tokens, mask: [B, L + 1]
-            tokens, mask = batch["tokens"], batch["mask"]
-            return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": mask[:, 1:]}
+        def shift(batch):  # tokens, mask [B, L + 1] -> inputs, targets, mask [B, L]
+            return jaxkd.lm.shift_tokens(batch["tokens"], batch["mask"])
 
         iterator = train_iterator(windows, global_batch_size=32, seed=0,
                                   keys=("tokens", "mask"), transform=shift)
