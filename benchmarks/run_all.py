@@ -33,6 +33,7 @@ BENCHMARKS = (
     "torch_comparison",
     "cached_teacher",
     "memory_and_flops",
+    "chunked_loss",
     "data_parallel",
     "gpu",
 )

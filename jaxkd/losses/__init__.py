@@ -6,6 +6,7 @@ preserving, PKT, DIST) return a scalar for the batch. Reductions (masked means
 over one device or a data-parallel axis) live here too.
 """
 
+from jaxkd.losses._chunked import ChunkedSums, chunked_distillation_loss
 from jaxkd.losses._distributions import entropy, log_softmax, softmax, standardize_logits
 from jaxkd.losses._divergences import (
     generalized_jsd,
@@ -24,6 +25,7 @@ from jaxkd.losses._kd_losses import (
     dkd_loss,
     hinton_loss,
 )
+from jaxkd.losses._projection import output_logits
 from jaxkd.losses._relational_losses import (
     pkt_loss,
     rkd_angle_loss,
@@ -38,6 +40,9 @@ from jaxkd.parallel._reductions import (
 )
 
 __all__ = [
+    "ChunkedSums",
+    "chunked_distillation_loss",
+    "output_logits",
     "attention_transfer_loss",
     "hint_loss",
     "pkt_loss",

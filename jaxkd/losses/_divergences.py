@@ -400,3 +400,16 @@ def logit_mse(student_logits, teacher_logits, *, axis: int = -1, where=None) -> 
     diff = jnp.where(valid, jnp.where(valid, student, 0.0) - jnp.where(valid, teacher, 0.0), 0.0)
     count = jnp.maximum(jnp.sum(valid, axis=axis), 1).astype(diff.dtype)
     return jnp.sum(jnp.square(diff), axis=axis) / count
+
+
+# The divergences by name: the core set that the fused (chunked) and the
+# vocabulary-parallel losses compute, and a part of the objectives' names.
+DIVERGENCES = {
+    "kl": kl_divergence,
+    "reverse_kl": reverse_kl_divergence,
+    "soft_cross_entropy": soft_cross_entropy,
+    "jsd": generalized_jsd,
+    "skew_kl": skew_kl_divergence,
+    "skew_reverse_kl": skew_reverse_kl_divergence,
+    "total_variation": total_variation,
+}

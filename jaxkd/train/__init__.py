@@ -15,6 +15,7 @@ from jaxkd.train._adapters import (
     nnx_teacher_apply,
     split_linen_variables,
 )
+from jaxkd.train._chunked_objective import chunked_distillation_objective
 from jaxkd.train._cost import compiled_flops
 from jaxkd.train._metrics import accuracy, top1_agreement
 from jaxkd.train._objectives import (
@@ -37,6 +38,7 @@ __all__ = [
     "accuracy",
     "aggregate_teacher_logits",
     "ca_mkd_weights",
+    "chunked_distillation_objective",
     "compiled_flops",
     "count_params",
     "cross_entropy_objective",

@@ -33,16 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import _checks
-from jaxkd.losses._divergences import (
-    generalized_jsd,
-    kl_divergence,
-    logit_mse,
-    reverse_kl_divergence,
-    skew_kl_divergence,
-    skew_reverse_kl_divergence,
-    soft_cross_entropy,
-    total_variation,
-)
+from jaxkd.losses._divergences import DIVERGENCES, logit_mse
 from jaxkd.losses._kd_losses import cross_entropy_with_integer_labels, dist_loss, dkd_loss
 from jaxkd.parallel._reductions import masked_means
 
@@ -72,13 +63,7 @@ def value_at(hyper_parameter: Scalar, step: jax.Array) -> jax.Array:
 
 # Losses by name: a thin convenience over passing the function itself.
 LOSSES: dict[str, Callable] = {
-    "kl": kl_divergence,
-    "reverse_kl": reverse_kl_divergence,
-    "soft_cross_entropy": soft_cross_entropy,
-    "jsd": generalized_jsd,
-    "skew_kl": skew_kl_divergence,
-    "skew_reverse_kl": skew_reverse_kl_divergence,
-    "total_variation": total_variation,
+    **DIVERGENCES,
     "logit_mse": logit_mse,
     "dkd": dkd_loss,
     "dist": dist_loss,

@@ -87,7 +87,19 @@ def teacher_outputs(
 
 
 def _output_metrics(student_out, teacher_out, mask, axis_name) -> dict[str, jax.Array]:
-    """Entropies and top-1 agreement over the real entries of the global batch."""
+    """Entropies and top-1 agreement over the real entries of the global batch.
+
+    Outputs without logits (hidden states for a chunked objective, which reports
+    these metrics itself) are skipped: the step never builds their logits.
+    """
+
+    def without_logits(outputs):
+        return isinstance(outputs, Mapping) and "logits" not in outputs
+
+    if without_logits(student_out):
+        return {}
+    if without_logits(teacher_out):
+        teacher_out = None
     student_logits = jax.lax.stop_gradient(logits_of(student_out))
     mask = example_mask(mask, student_logits)
     named = {"student_entropy": (entropy(student_logits), mask)}
