@@ -32,6 +32,7 @@ from jaxkd.losses._relational_losses import (
     rkd_distance_loss,
     similarity_preserving_loss,
 )
+from jaxkd.losses._sparse_teacher import SparseTeacher, tail_bucket_kl, top_k_kl, top_k_teacher
 from jaxkd.parallel._reductions import (
     gather_examples,
     masked_mean,
@@ -40,6 +41,10 @@ from jaxkd.parallel._reductions import (
 )
 
 __all__ = [
+    "SparseTeacher",
+    "tail_bucket_kl",
+    "top_k_kl",
+    "top_k_teacher",
     "ChunkedSums",
     "chunked_distillation_loss",
     "output_logits",

@@ -24,6 +24,7 @@ from jaxkd.train._objectives import (
     hinton_objective,
     logits_of,
 )
+from jaxkd.train._sparse_objective import sparse_distillation_objective
 from jaxkd.train._state import TrainState
 from jaxkd.train._step import make_eval_step, make_train_step, summarize_eval
 from jaxkd.train._teachers import (
@@ -53,6 +54,7 @@ __all__ = [
     "nnx_apply",
     "nnx_split",
     "nnx_teacher_apply",
+    "sparse_distillation_objective",
     "split_linen_variables",
     "stack_params",
     "stacked_teacher_apply",
