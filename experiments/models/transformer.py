@@ -256,6 +256,7 @@ class CausalTransformer(nn.Module):
         key_mask: jax.Array | None = None,
         cache: Cache | None = None,
         cache_index: jax.Array | int | None = None,
+        return_hidden: bool = False,
     ):
         """Next-token logits, over a whole sequence or for new tokens given a KV cache.
 
@@ -273,12 +274,18 @@ class CausalTransformer(nn.Module):
           key_mask: bool [B, T] without a cache, [B, S] with one; default all True.
           cache: from :func:`init_cache`, or None.
           cache_index: first cache slot written (scalar int, may be traced); default 0.
+          return_hidden: without a cache, return ``{"hidden": [B, T, d], "kernel":
+            [d, V]}`` (the final-norm states and the head, both in ``dtype``) instead
+            of logits, for :func:`jaxkd.chunked_distillation_objective`, which never
+            builds the whole ``[B, T, V]``.
 
         Returns:
           float32 logits [B, T, V] without a cache; ``(logits, cache)`` with one. A
           query with no allowed key (a left-padding position) gets finite,
           meaningless logits.
         """
+        if return_hidden and cache is not None:
+            raise ValueError("return_hidden=True is for whole sequences, not a KV cache")
         del train
         batch, length = tokens_BxT.shape
         if cache is not None:
@@ -313,6 +320,8 @@ class CausalTransformer(nn.Module):
             new_cache.append(layer_cache)
         h = self.final_norm(x)
         head = self.embed.embedding.T if self.tie_embeddings else self.head
+        if return_hidden:
+            return {"hidden": h.astype(self.dtype), "kernel": head.astype(self.dtype)}
         logits = jnp.einsum(
             "btd,dv->btv",
             h.astype(self.dtype),

@@ -189,3 +189,49 @@ def test_bad_configuration_and_lengths(model, params):
         jax.eval_shape(model.apply, {"params": params}, too_long)
     with pytest.raises(ValueError, match="config_for|unknown size"):
         config_for("huge")
+
+
+def test_hidden_outputs_in_a_chunked_step_equal_logits_in_a_dense_step(model, params):
+    """``return_hidden=True`` with the chunked objective: the same SGD step as logits."""
+    teacher_params = random_params(model, seed=3)
+    batch = jaxkd.lm.shift_tokens(
+        jax.random.randint(jax.random.key(2), (BATCH, LENGTH + 1), 0, CONFIG["vocab_size"]),
+        jnp.arange(LENGTH + 1)[None, :] < jnp.array([[LENGTH + 1], [5]]),
+    )
+
+    def student(return_hidden):
+        def apply(p, model_state, inputs, *, train, rng):
+            return model.apply({"params": p}, inputs, return_hidden=return_hidden), model_state
+
+        return apply
+
+    def teacher(p, inputs):
+        return model.apply({"params": p}, inputs)
+
+    optimizer = optax.sgd(1.0)
+    state = jaxkd.TrainState.create(params=params, optimizer=optimizer)
+    objectives = {
+        True: jaxkd.chunked_distillation_objective("kl", alpha=0.5, chunk_size=5),
+        False: jaxkd.distillation_objective("kl", alpha=0.5, temperature=1.0, label_key="targets"),
+    }
+    results = {}
+    for hidden, objective in objectives.items():
+        step = jaxkd.make_train_step(
+            student(hidden), teacher, objective, optimizer, input_key="inputs"
+        )
+        results[hidden] = jax.jit(step)(state, teacher_params, batch)
+    (chunked, chunked_metrics), (dense, dense_metrics) = results[True], results[False]
+    for name in ("loss", "kd_loss", "ce_loss", "agreement", "student_entropy", "grad_norm"):
+        np.testing.assert_allclose(chunked_metrics[name], dense_metrics[name], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        chunked.params,
+        dense.params,
+    )
+    with pytest.raises(ValueError, match="return_hidden"):
+        model.apply(
+            {"params": params},
+            batch["inputs"],
+            return_hidden=True,
+            cache=init_cache(model, BATCH, LENGTH),
+        )
