@@ -33,6 +33,11 @@ from jaxkd.losses._relational_losses import (
     similarity_preserving_loss,
 )
 from jaxkd.losses._sparse_teacher import SparseTeacher, tail_bucket_kl, top_k_kl, top_k_teacher
+from jaxkd.losses._vocab_parallel import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_divergence,
+    vocab_parallel_log_softmax,
+)
 from jaxkd.parallel._reductions import (
     gather_examples,
     masked_mean,
@@ -74,4 +79,7 @@ __all__ = [
     "softmax",
     "standardize_logits",
     "total_variation",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_divergence",
+    "vocab_parallel_log_softmax",
 ]
