@@ -7,13 +7,21 @@ steps and optimizer:
 - ``scratch``: next-token cross-entropy only;
 - ``kd``: token-level KD, ``alpha * divergence(teacher || student) + (1 - alpha) *
   cross-entropy`` on every real token;
+- ``kd_cached``: KD from the teacher's cached outputs, with no teacher forward in
+  the step: the teacher's top-``cache.k`` log-probabilities at ``kd.temperature``
+  and its tail mass per token, computed once over every training window
+  (:mod:`experiments.cache_teacher`) and read with the windows; the loss is
+  ``alpha * tail_bucket_kl + (1 - alpha) * cross-entropy`` (``cache.loss``) with
+  kd's ``alpha`` and temperature, so that it reads beside ``kd`` (``cache.k=0``
+  caches the full logits and trains with kd's loss);
 - ``gkd``: on-policy GKD: with probability ``lmbda`` the batch's continuations
   after its first ``prompt_length`` tokens are sampled from the current student
   (no gradient through sampling), and the loss counts continuation tokens only.
 
-Every run is evaluated on the first ``eval_windows`` windows of the validation and
-test splits (per-token cross-entropy, perplexity, ``KL(teacher || student)`` at
-T=1, top-1 agreement, entropies), and samples continuations of
+The config's ``student_runs`` says which students run (``quick`` leaves out
+``kd_cached``). Every run is evaluated on the first ``eval_windows`` windows of the
+validation and test splits (per-token cross-entropy, perplexity,
+``KL(teacher || student)`` at T=1, top-1 agreement, entropies), and samples continuations of
 ``sample_prompts`` test prompts which the teacher scores (the teacher's per-token
 NLL of the model's samples). Each run's step is compiled before its timer starts;
 ``tokens_per_s`` counts training tokens over training time (data loading,
@@ -26,7 +34,8 @@ the corpus's fingerprint; a changed field is refused unless ``overwrite``.
 Workdir layout::
 
     WORKDIR/teacher/                  the teacher (seed ``teacher.seed``)
-    WORKDIR/seed_<s>/<scratch|kd|gkd>/
+    WORKDIR/teacher_cache/k<k>/       its cached outputs (kd_cached)
+    WORKDIR/seed_<s>/<scratch|kd|kd_cached|gkd>/
         run_config.json, checkpoints/, metrics.jsonl, result.json
     WORKDIR/results.md, results.json, training_curves.png
 """
@@ -45,16 +54,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxkd
-from experiments import jsonfiles, report, run_config
+from experiments import cache_teacher, jsonfiles, report, run_config
 from experiments.checkpointing import RunCheckpointer
 from experiments.checks import check_workdir
 from experiments.data import lm_data, loader, text, tokenizer
+from experiments.data.teacher_cache import DTYPES, TeacherCache, WithTeacherCache
 from experiments.errors import ExperimentError
 from experiments.interrupt import Interrupted, StopOnInterrupt
 from experiments.interrupt import message as interrupt_message
 from experiments.models import transformer
 from experiments.train import make_optimizer
+from jaxkd.train._sparse_objective import SPARSE_LOSSES, sparse_distillation_objective
 
+# The runs of every config (``quick``'s), and the students a config may add.
 RUNS = ("teacher", "scratch", "kd", "gkd")
 RUN_TITLES = {
     "teacher": "teacher",
@@ -62,6 +74,8 @@ RUN_TITLES = {
     "kd": "student, token-level KD",
     "gkd": "student, on-policy GKD",
 }
+STUDENT_RUNS = ("scratch", "kd", "kd_cached", "gkd")  # the results table's order
+CACHED_RUN_TITLE = "student, KD from cached top-k"
 # (column title, result key, format): mean +- std over seeds.
 COLUMNS = (
     ("validation perplexity", "validation_perplexity", "{:.2f}"),
@@ -80,6 +94,12 @@ _KEYS = ("tokens", "mask")
 _SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "d_ff", "tie_embeddings")
 
 
+def run_titles(kinds) -> dict[str, str]:
+    """Titles of the run ``kinds``, in the table's order (``kd_cached`` beside ``kd``)."""
+    titles = {**RUN_TITLES, "kd_cached": CACHED_RUN_TITLE}
+    return {kind: titles[kind] for kind in ("teacher", *STUDENT_RUNS) if kind in kinds}
+
+
 def describe(model: transformer.CausalTransformer) -> str:
     """A model's size in a table cell, e.g. ``d256 x4 h4``."""
     return f"d{model.d_model} x{model.num_layers} h{model.num_heads}"
@@ -88,6 +108,11 @@ def describe(model: transformer.CausalTransformer) -> str:
 def shift_windows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Token windows ``[B, L + 1]`` to next-token ``inputs``, ``targets``, ``mask``."""
     return jaxkd.lm.shift_tokens(batch["tokens"], batch["mask"])
+
+
+def shift_with_teacher(batch: dict[str, np.ndarray], *, keys: tuple[str, ...]) -> dict:
+    """:func:`shift_windows`, keeping the cached teacher's ``keys`` (``[B, L, ...]``)."""
+    return {**shift_windows(batch), **{key: batch[key] for key in keys}}
 
 
 @dataclasses.dataclass
@@ -200,6 +225,15 @@ def run_fields(config, kind: str, seed: int, fingerprint: str) -> dict[str, Any]
                 fields[f"{name}.{key}"] = leaf
         else:
             fields[name] = value
+    if kind == "kd_cached":  # kd's weight and temperature; the cache's contents and loss
+        for name in ("kd.alpha", "kd.temperature", "cache.k", "cache.dtype", "cache.loss"):
+            node, leaf = name.split(".")
+            fields[name] = config[node][leaf]
+        if not config.cache.k:
+            fields["kd.loss"] = config.kd.loss
+            fields.update(
+                {f"kd.loss_kwargs.{k}": v for k, v in config.kd.loss_kwargs.to_dict().items()}
+            )
     return jsonfiles.strict(fields)
 
 
@@ -213,6 +247,7 @@ class LmExperiment:
         self.mesh = jaxkd.data_mesh()
         self.is_chief = jax.process_index() == 0
         self._eval_steps = {}
+        self._teacher_cache = None
         vocab_size = self.data.tokenizer.vocab_size
         self.models = {
             role: transformer.CausalTransformer(
@@ -235,7 +270,15 @@ class LmExperiment:
         config = self.config
         if kind in ("teacher", "scratch"):
             return jaxkd.cross_entropy_objective(label_key="targets")
-        settings = config[kind]
+        if kind == "kd_cached" and config.cache.k:
+            return sparse_distillation_objective(
+                config.cache.loss,
+                alpha=config.kd.alpha,
+                temperature=config.kd.temperature,
+                cache_temperature=config.kd.temperature,
+                label_key="targets",
+            )
+        settings = config["kd" if kind == "kd_cached" else kind]
         return jaxkd.distillation_objective(
             settings.loss,
             alpha=settings.alpha,
@@ -275,6 +318,28 @@ class LmExperiment:
             batch_transform=transform,
         )
         return jaxkd.shard_step(step, self.mesh)
+
+    def teacher_cache(self, teacher) -> TeacherCache:
+        """The cache of ``teacher``'s outputs on the training windows: opened or written once."""
+        if self._teacher_cache is None:
+            _, teacher_variables = teacher
+            self._teacher_cache = cache_teacher.experiment_cache(
+                self, jax.device_get(teacher_variables)
+            )
+        return self._teacher_cache
+
+    def train_source(self, kind: str, teacher):
+        """``(source, keys, transform)`` of a run's training batches."""
+        if kind != "kd_cached":
+            return self.data.train, _KEYS, shift_windows
+        if teacher is None:
+            raise ValueError("The kd_cached run needs the teacher (to find or build its cache).")
+        cache = self.teacher_cache(teacher)
+        return (
+            WithTeacherCache(self.data.train, cache),
+            _KEYS + cache.keys,
+            functools.partial(shift_with_teacher, keys=cache.keys),
+        )
 
     def evaluate(self, model, state, teacher) -> dict[str, Any]:
         """Per-token metrics of every evaluated split, and the teacher's NLL of samples."""
@@ -354,14 +419,11 @@ class LmExperiment:
         state = jaxkd.replicate_on_mesh(state, self.mesh)
         if teacher_variables is not None:
             teacher_variables = jaxkd.replicate_on_mesh(teacher_variables, self.mesh)
+        source, keys, transform = self.train_source(kind, teacher)
         dataset = loader.train_dataset(
-            self.data.train,
-            global_batch_size=config.batch_size,
-            seed=seed,
-            keys=_KEYS,
-            transform=shift_windows,
+            source, global_batch_size=config.batch_size, seed=seed, keys=keys, transform=transform
         )
-        batches = iter(dataset.to_iter_dataset(loader.default_read_options(self.data.train)))
+        batches = iter(dataset.to_iter_dataset(loader.default_read_options(source)))
         checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
         elapsed = 0.0
         restored = checkpointer.restore(state, batches)
@@ -424,6 +486,9 @@ class LmExperiment:
                     train_time_s=elapsed,
                     tokens_per_s=steps * config.batch_size * config.seq_len / elapsed,
                 )
+                if kind == "kd_cached":
+                    cache = self.teacher_cache(teacher)
+                    result.update(cache_k=cache.spec.k, cache_bytes_per_token=cache.bytes_per_token)
                 if self.is_chief:
                     jsonfiles.write(result_path, result)
                 if stop.requested:
@@ -483,6 +548,29 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     for name in ("batch_size", "eval_batch_size"):
         if config[name] < 1 or config[name] % num_devices:
             fail(f"{name}={config[name]} must be a positive multiple of the {num_devices} devices.")
+    kinds = tuple(config.student_runs)
+    if not kinds or len(set(kinds)) < len(kinds) or not set(kinds) <= set(STUDENT_RUNS):
+        fail(f"student_runs={kinds}; expected distinct runs among {STUDENT_RUNS}.")
+    cache = config.cache
+    if int(cache.k) < 0:
+        fail(f"cache.k={cache.k} must be >= 0 (0: the full logits).")
+    if cache.dtype not in DTYPES:
+        fail(f"cache.dtype={cache.dtype!r}; expected one of {sorted(DTYPES)}.")
+    if int(cache.batch_size) < 1:
+        fail(f"cache.batch_size={cache.batch_size} must be >= 1.")
+    if cache.loss not in SPARSE_LOSSES:
+        fail(f"cache.loss={cache.loss!r}; expected one of {sorted(SPARSE_LOSSES)}.")
+    if "kd_cached" in kinds and cache.k:
+        try:  # kd's alpha and temperature, with the cache's loss
+            sparse_distillation_objective(
+                cache.loss,
+                alpha=config.kd.alpha,
+                temperature=config.kd.temperature,
+                cache_temperature=config.kd.temperature,
+                label_key="targets",
+            )
+        except (TypeError, ValueError) as error:
+            fail(f"kd_cached: {error}")
     for name in ("kd", "gkd"):
         settings = config[name]
         try:  # the objective checks the loss, its options, alpha and temperature
@@ -508,7 +596,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
 ) -> list[dict[str, Any]]:
-    """Runs the teacher, then every seed's scratch, KD and GKD students; writes the report.
+    """Runs the teacher, then every seed's students (``student_runs``); writes the report.
 
     Raises:
       ExperimentError: a bad config or workdir, or (without ``overwrite``) runs
@@ -521,8 +609,9 @@ def train_and_evaluate(
     experiment = LmExperiment(config, workdir)
     seeds = [int(seed) for seed in config.seeds]
     planned = {experiment.rundir("teacher", 0): experiment.fields("teacher", config.teacher.seed)}
+    kinds = tuple(config.student_runs)
     for seed in seeds:
-        for kind in RUNS[1:]:
+        for kind in kinds:
             planned[experiment.rundir(kind, seed)] = experiment.fields(kind, seed)
     run_config.check_runs(planned, workdir, overwrite=overwrite)
     if experiment.is_chief:
@@ -536,7 +625,7 @@ def train_and_evaluate(
     )
     results = [teacher_result]
     for seed in seeds:
-        for kind in RUNS[1:]:
+        for kind in kinds:
             results.append(experiment.run(kind, seed, teacher)[0])
     if experiment.is_chief:
         write_report(results, config, workdir, experiment.data.tokens)
@@ -551,8 +640,9 @@ def _loss_name(settings) -> str:
 
 def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
     """Writes results.md, results.json and training_curves.png; returns the text."""
-    summary = report.summarize(results, columns=COLUMNS, run_titles=RUN_TITLES)
-    table = report.markdown_table(summary, columns=COLUMNS, run_titles=RUN_TITLES)
+    titles = run_titles({r["run"] for r in results})
+    summary = report.summarize(results, columns=COLUMNS, run_titles=titles)
+    table = report.markdown_table(summary, columns=COLUMNS, run_titles=titles)
     seeds = sorted({r["seed"] for r in results if r["run"] != "teacher"})
     title = (
         f"python_stdlib_source/{config.corpus}, {config.tokenizer} vocabulary "
@@ -561,6 +651,14 @@ def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
         f"on-policy GKD ({_loss_name(config.gkd)}, alpha={config.gkd.alpha}, "
         f"lmbda={config.gkd.lmbda}), {config.steps} student steps, seeds {seeds}"
     )
+    cached = [r for r in results if r["run"] == "kd_cached"]
+    if cached:
+        what = f"top-{config.cache.k} log-probs" if config.cache.k else "full logits"
+        title += (
+            f"; KD from the teacher's cached {what} ({config.cache.dtype}, "
+            f"{cached[0]['cache_bytes_per_token']:.1f} bytes/token; "
+            f"{config.cache.loss if config.cache.k else _loss_name(config.kd)}, kd's T and alpha)"
+        )
     note = (
         "Tokens: "
         + " / ".join(f"{count:,} {split}" for split, count in tokens.items())
@@ -579,13 +677,13 @@ def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
             os.path.join(workdir, "teacher" if kind == "teacher" else f"seed_{seed}/{kind}")
             for seed in (seeds if kind != "teacher" else [None])
         ]
-        for kind in RUNS
+        for kind in titles
     }
     report.plot_curves(
         curves,
         os.path.join(workdir, "training_curves.png"),
         metric="perplexity",
-        run_titles=RUN_TITLES,
+        run_titles=titles,
         log_metric=True,
     )
     return text_out

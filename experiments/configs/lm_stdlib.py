@@ -2,18 +2,20 @@
 
 The corpus is the running interpreter's standard library (``python_stdlib_source``:
 split by file into train / validation / test), tokenized by a byte-level BPE of
-8,192 tokens trained locally on the train split. Four runs share data, steps and
+8,192 tokens trained locally on the train split. Five runs share data, steps and
 optimizer: the teacher; and, for each seed, a student from scratch (next-token
 cross-entropy), a student with token-level KD (``kd``: a divergence to the
-teacher's next-token distribution mixed with the cross-entropy), and a student
-with on-policy GKD (``gkd``: with probability ``lmbda`` a batch's continuations
-are sampled from the current student and scored by the teacher).
+teacher's next-token distribution mixed with the cross-entropy), the same from
+the teacher's cached top-k outputs (``kd_cached``: no teacher forward in the step;
+see ``cache``), and a student with on-policy GKD (``gkd``: with probability
+``lmbda`` a batch's continuations are sampled from the current student and scored
+by the teacher).
 
     .venv/bin/python -m experiments.distill_lm --config=experiments/configs/lm_stdlib.py \\
         --workdir=/tmp/jaxkd-runs/lm
 
 ``quick`` shrinks everything (a 0.8 MB corpus subset, a 512-token vocabulary,
-tiny models, a few steps) for a smoke test in well under a minute.
+tiny models, a few steps, no ``kd_cached``) for a smoke test in well under a minute.
 """
 
 from __future__ import annotations
@@ -82,10 +84,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.gkd.lmbda = 0.5  # probability that a batch is sampled from the student
     config.gkd.sampling_temperature = 1.0
 
+    # Cached teacher (experiments/cache_teacher.py, the kd_cached run): the teacher's
+    # top-k log-probs at kd.temperature and its log tail mass on every training window,
+    # under WORKDIR/teacher_cache/k<k>/. kd_cached trains on them with the tail-bucket KL
+    # and kd's alpha and temperature, so it reads beside kd (the online teacher).
+    config.cache = ml_collections.ConfigDict()
+    config.cache.k = 32  # 0: the full logits
+    config.cache.dtype = "float16"  # of the log-probs: float16 | bfloat16 | float32
+    config.cache.batch_size = 64  # windows per teacher forward while caching
+    config.cache.loss = "tail_kl"  # tail_kl | top_k_kl (kd_cached with k > 0)
+
     # Evaluation samples: the teacher's NLL of each model's continuations.
     config.sample_prompts = 32
     config.sampling_temperature = 1.0
 
+    # The students of each seed, all from one initialization (kd_cached: see cache).
+    config.student_runs = ("scratch", "kd", "kd_cached", "gkd")
     config.seeds = (0, 1)
     config.eval_batch_size = 32
     config.eval_every = 75
@@ -108,6 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_every=6,
         log_every=4,
         checkpoint_every=6,
+        # kd_cached caches the teacher over every window first; add it with
+        # --config.student_runs="('scratch', 'kd', 'kd_cached', 'gkd')".
+        student_runs=("scratch", "kd", "gkd"),
     )
     quick_teacher = dict(steps=20, learning_rate=3e-3, seed=0)
     config = finish(config, arg, **quick)
