@@ -22,6 +22,23 @@ from jaxkd.losses._divergences import DIVERGENCES
 from jaxkd.losses._projection import output_logits
 from jaxkd.train._chunked_objective import chunked_distillation_objective
 
+
+@pytest.fixture(autouse=True)
+def _fast_compiles(request):
+    """Unoptimized XLA: these tests compile many small programs and run each once.
+
+    The memory and layout tests read the compiled program and keep the optimizer.
+    """
+    if "no_array" in request.node.name or "strided" in request.node.name:
+        yield
+        return
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", False)
+
+
 N, D, D_TEACHER, V = 23, 6, 5, 17  # 23 tokens: chunks of 5 leave a remainder of 3
 CHUNK = 5
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
@@ -170,7 +187,7 @@ def test_masked_tokens_change_neither_value_nor_gradient():
     x = _inputs(2)
     teacher_logits = jax.random.normal(jax.random.key(9), (N, V))
     garbage = ~x["where"][:, None]
-    hidden = jnp.where(garbage, 1e3, x["hidden"])
+    hidden = jnp.where(garbage, 1e3, x["hidden"]).at[0].set(jnp.nan)  # token 0 is masked
     labels = jnp.where(x["where"], x["labels"], V + 7)  # out of range where masked
     kept = np.flatnonzero(np.asarray(x["where"]))
 
@@ -198,6 +215,7 @@ def test_masked_tokens_change_neither_value_nor_gradient():
     np.testing.assert_allclose(d_kernel, d_kernel_sliced, **TOLERANCE)
     np.testing.assert_allclose(d_hidden[kept], d_sliced, **TOLERANCE)
     assert not np.any(np.asarray(d_hidden)[~np.asarray(x["where"])])
+    assert not x["where"][0] and np.isfinite(value) and np.all(np.isfinite(d_kernel))
 
 
 def test_traced_options_equal_static_ones():
@@ -380,6 +398,7 @@ def test_the_objective_in_a_data_parallel_step_equals_the_dense_objective_on_one
         (dict(where=np.ones((N,), np.int32)), "where"),
         (dict(where=np.ones((N + 1,), bool)), "where"),
         (dict(student_bias=np.zeros((V + 1,), np.float32)), "student_bias"),
+        (dict(labels=np.full((N,), -100, np.int32)), r"labels.*\[0, 17\)"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(labels=None, alpha=0.5), "alpha=1.0"),
         (dict(loss="kld"), "Unknown `loss`"),
@@ -413,3 +432,136 @@ def test_objective_refuses_outputs_without_hidden_states():
         )
     with pytest.raises(ValueError, match="betaa"):
         chunked_distillation_objective("jsd", loss_kwargs={"betaa": 0.1})
+
+
+def test_traced_options_get_the_gradients_of_the_naive_loss():
+    x = _inputs(8)
+    teacher_logits = jax.random.normal(jax.random.key(8), (N, V))
+
+    def loss(options, chunk_size):
+        return chunked_distillation_loss(
+            x["hidden"],
+            x["kernel"],
+            x["labels"],
+            teacher_logits=teacher_logits,
+            loss="jsd",
+            alpha=options["alpha"],
+            temperature=options["temperature"],
+            softcap=options["softcap"],
+            logit_scale=options["scale"],
+            loss_kwargs={"beta": options["beta"]},
+            where=x["where"],
+            chunk_size=chunk_size,
+        ).loss
+
+    options = dict(alpha=0.3, temperature=2.0, softcap=3.0, scale=1.5, beta=0.4)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    chunked, naive = grad(options, CHUNK), grad(options, None)
+    for name in options:
+        assert naive[name] != 0, name
+        np.testing.assert_allclose(chunked[name], naive[name], **TOLERANCE, err_msg=name)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_inside_shard_map_the_global_gradient_is_exact(check_vma):
+    """Grad of the global mean inside ``shard_map``; 3 tokens a device, chunks of 1 and 3."""
+    mesh = jaxkd.data_mesh()
+    tokens = 3 * mesh.size
+    x = _inputs(9)
+    hidden = jax.random.normal(jax.random.key(10), (tokens, D))
+    teacher_logits = jax.random.normal(jax.random.key(11), (tokens, V))
+    labels = jax.random.randint(jax.random.key(12), (tokens,), 0, V)
+    where = jnp.arange(tokens) % 4 != 1
+    spec = jax.sharding.PartitionSpec("data")
+
+    def global_mean(hidden, kernel, teacher_logits, labels, where, chunk_size, axis_name):
+        sums = chunked_distillation_loss(
+            hidden,
+            kernel,
+            labels,
+            teacher_logits=teacher_logits,
+            alpha=0.5,
+            where=where,
+            chunk_size=chunk_size,
+        )
+        total, count = sums.loss, sums.count
+        if axis_name is not None:
+            total, count = jax.lax.psum((total, count), axis_name)
+        return total / count
+
+    expected = jax.jit(jax.grad(global_mean, argnums=(0, 1)), static_argnums=(5, 6))(
+        hidden, x["kernel"], teacher_logits, labels, where, None, None
+    )
+    for chunk_size in (1, 3):
+
+        def body(hidden, kernel, teacher_logits, labels, where, chunk_size=chunk_size):
+            grads = jax.grad(global_mean, argnums=(0, 1))(
+                hidden, kernel, teacher_logits, labels, where, chunk_size, "data"
+            )
+            if not check_vma:  # the transpose of psum is psum: average, as pmap's users do
+                grads = (grads[0], jax.lax.pmean(grads[1], "data"))
+            return grads
+
+        sharded = jax.jit(
+            jax.shard_map(
+                body,
+                mesh=mesh,
+                in_specs=(spec, jax.sharding.PartitionSpec(), spec, spec, spec),
+                out_specs=(spec, jax.sharding.PartitionSpec()),
+                check_vma=check_vma,
+            )
+        )
+        got = sharded(hidden, x["kernel"], teacher_logits, labels, where)
+        scale = 1.0 if check_vma else mesh.size  # per-device hidden grads of a psum-ed loss
+        np.testing.assert_allclose(got[0] / scale, expected[0], **TOLERANCE)
+        np.testing.assert_allclose(got[1], expected[1], **TOLERANCE)
+
+
+def test_strided_chunks_keep_data_parallel_tokens_on_their_devices():
+    from jaxkd.losses._chunked import chunk_layout
+
+    assert chunk_layout(24, 5) == (6, 4, 0)  # 4 divides 24 and is > 5 / 2
+    assert chunk_layout(23, 5) == (4, 5, 3)  # 23 is prime: a remainder chunk
+    assert chunk_layout(8, None) == chunk_layout(8, 100) == (1, 8, 0)
+    mesh = jaxkd.data_mesh()
+    tokens = 16 * mesh.size
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def loss(hidden, kernel, teacher_hidden, labels):
+        return chunked_distillation_loss(
+            hidden,
+            kernel,
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_kernel=kernel,
+            alpha=0.5,
+            chunk_size=32,
+        ).loss
+
+    grad = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1)),
+        in_shardings=(rows, replicated, rows, rows),
+    )
+    args = (
+        jax.ShapeDtypeStruct((tokens, D), jnp.float32),
+        jax.ShapeDtypeStruct((D, V), jnp.float32),
+        jax.ShapeDtypeStruct((tokens, D), jnp.float32),
+        jax.ShapeDtypeStruct((tokens,), jnp.int32),
+    )
+    text = grad.lower(*args).compile().as_text()
+    assert "all-gather" not in text  # contiguous chunks would gather every device's tokens
+
+
+def test_objective_masks_must_be_boolean_token_masks():
+    objective = chunked_distillation_objective("kl", alpha=1.0, label_key=None)
+    outputs = {"hidden": jnp.ones((2, 3, D)), "kernel": jnp.ones((D, V))}
+    teacher = jnp.zeros((2, 3, V))
+    mask = jnp.array([[True, True, False], [True, False, False]])
+    loss, _ = objective(outputs, teacher, {"mask": mask}, 0)
+    loss_column, _ = objective(outputs, teacher, {"mask": mask[..., None]}, 0)
+    np.testing.assert_allclose(loss_column, loss)
+    with pytest.raises(TypeError, match="boolean"):
+        objective(outputs, teacher, {"mask": mask.astype(jnp.float32)}, 0)
+    with pytest.raises(ValueError, match="per-class"):
+        objective(outputs, teacher, {"mask": jnp.ones((2, 3, V), bool)}, 0)

@@ -28,6 +28,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -53,20 +55,21 @@ def resolve_chunk_size(chunk_size, vocab: int) -> int | None:
     """``chunk_size`` checked, with ``"auto"`` resolved for a vocabulary of ``vocab``."""
     if chunk_size == "auto":
         return max(16, 2 ** max(0, (AUTO_CHUNK_FLOATS // max(vocab, 1)).bit_length() - 1))
-    if chunk_size is not None and not (
-        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0
-    ):
+    if chunk_size is None:
+        return None
+    integral = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
+    if not (integral and chunk_size > 0):
         raise ValueError(
             f"`chunk_size` must be a positive int, 'auto' or None, got {chunk_size!r}."
         )
-    return chunk_size
+    return int(chunk_size)
 
 
 class ChunkedSums(NamedTuple):
     """Sums over the real tokens of a chunked loss (see :func:`chunked_distillation_loss`).
 
     Attributes:
-      loss: ``sum(alpha * kd + (1 - alpha) * ce)``; the only differentiable field.
+      loss: ``sum(alpha * kd + (1 - alpha) * ce)``; the only field with gradients.
       kd: sum of the distillation divergence (``T^2`` included).
       ce: sum of the hard-label cross-entropy (0 without labels).
       count: the number of real tokens.
@@ -173,146 +176,221 @@ def _chunk_values(config: _Config, options, raw_logits, teacher_logits, labels, 
     return total, sums
 
 
-def _chunk(config: _Config, options, start: int | jax.Array, size: int, arrays, with_grads):
-    """Values (and gradients) of the ``size`` tokens from ``start``.
+def _teacher_logits(config: _Config, options, teacher_rows, teacher_shared):
+    """The teacher's float32 logits of a chunk: given, or from its hidden states."""
+    if not config.teacher_from_hidden:
+        return jax.lax.stop_gradient(teacher_rows.astype(jnp.float32))
+    t_kernel, t_bias = teacher_shared
+    t_dtype = jnp.promote_types(teacher_rows.dtype, t_kernel.dtype)
+    logits = jnp.matmul(
+        teacher_rows.astype(t_dtype), t_kernel.astype(t_dtype), preferred_element_type=jnp.float32
+    )
+    if t_bias is not None:
+        logits = logits + t_bias.astype(jnp.float32)[None, :]
+    if options.get("teacher_logit_scale") is not None:
+        logits = logits * options["teacher_logit_scale"]
+    if options.get("teacher_softcap") is not None:
+        cap = options["teacher_softcap"]
+        logits = cap * jnp.tanh(logits / cap)
+    return jax.lax.stop_gradient(logits)
 
-    Returns ``(sums, grads)``, ``grads`` ``(d_hidden [size, d], d_kernel [d, V] f32,
-    d_bias [V] f32)`` or ``None``.
+
+def _chunk(config: _Config, dynamic, rows, shared, with_grads: bool):
+    """Sums (and gradients) of one chunk of tokens.
+
+    Args:
+      rows: ``(hidden [c, d], teacher rows [c, ...], labels [c] | None, mask [c] | None)``.
+      shared: ``(kernel [d, V], bias [V] | None, teacher kernel | None, teacher bias | None)``.
+
+    Returns:
+      ``(sums, grads)``; ``grads`` is ``None`` or ``(d_hidden [c, d] f32, d_kernel
+      [d, V] f32, d_bias [V] f32 | None, d_dynamic)``.
     """
-    hidden, kernel, bias, teacher, labels, mask = arrays
-
-    def rows(x):
-        return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size)
-
-    h = rows(hidden)
-    dot_dtype = jnp.promote_types(h.dtype, kernel.dtype)
+    hidden, teacher_rows, labels, mask = rows
+    kernel, bias = shared[:2]
+    if mask is not None:  # a masked row's hidden state (even NaN) reaches no matmul
+        hidden = jnp.where(mask[:, None], hidden, jnp.zeros((), hidden.dtype))
+        if config.teacher_from_hidden:
+            teacher_rows = jnp.where(mask[:, None], teacher_rows, jnp.zeros((), teacher_rows.dtype))
+    dot_dtype = jnp.promote_types(hidden.dtype, kernel.dtype)
     raw = jnp.matmul(
-        h.astype(dot_dtype), kernel.astype(dot_dtype), preferred_element_type=jnp.float32
+        hidden.astype(dot_dtype), kernel.astype(dot_dtype), preferred_element_type=jnp.float32
     )
     if bias is not None:
         raw = raw + bias.astype(jnp.float32)[None, :]
-    if config.teacher_from_hidden:
-        t_hidden, t_kernel, t_bias = teacher
-        t_h = rows(t_hidden)
-        t_dtype = jnp.promote_types(t_h.dtype, t_kernel.dtype)
-        teacher_logits = jnp.matmul(
-            t_h.astype(t_dtype), t_kernel.astype(t_dtype), preferred_element_type=jnp.float32
-        )
-        if t_bias is not None:
-            teacher_logits = teacher_logits + t_bias.astype(jnp.float32)[None, :]
-        if options.get("teacher_logit_scale") is not None:
-            teacher_logits = teacher_logits * options["teacher_logit_scale"]
-        if options.get("teacher_softcap") is not None:
-            cap = options["teacher_softcap"]
-            teacher_logits = cap * jnp.tanh(teacher_logits / cap)
-    else:
-        teacher_logits = rows(teacher).astype(jnp.float32)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    chunk_labels, chunk_mask = rows(labels), rows(mask)
 
-    def values(raw_logits):
-        return _chunk_values(config, options, raw_logits, teacher_logits, chunk_labels, chunk_mask)
+    def values(raw_logits, dynamic):
+        options = {**dict(config.static_options), **dynamic}
+        teacher_logits = _teacher_logits(config, options, teacher_rows, shared[2:])
+        total, sums = _chunk_values(config, options, raw_logits, teacher_logits, labels, mask)
+        return total, {**sums, "loss": total}
 
     if not with_grads:
-        total, sums = values(raw)
-        return {**sums, "loss": total}, None
-    (total, sums), d_raw = jax.value_and_grad(values, has_aux=True)(raw)
+        return values(raw, dynamic)[1], None
+    (_, sums), (d_raw, d_dynamic) = jax.value_and_grad(values, argnums=(0, 1), has_aux=True)(
+        raw, dynamic
+    )
     d_dot = d_raw.astype(dot_dtype)
     d_hidden = jnp.matmul(d_dot, kernel.astype(dot_dtype).T, preferred_element_type=jnp.float32)
-    d_kernel = jnp.matmul(h.astype(dot_dtype).T, d_dot, preferred_element_type=jnp.float32)
+    d_kernel = jnp.matmul(hidden.astype(dot_dtype).T, d_dot, preferred_element_type=jnp.float32)
     d_bias = None if bias is None else jnp.sum(d_raw, axis=0)
-    return {**sums, "loss": total}, (d_hidden.astype(hidden.dtype), d_kernel, d_bias)
+    return sums, (d_hidden, d_kernel, d_bias, d_dynamic)
 
 
 def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def _run(config: _Config, dynamic, arrays, with_grads: bool):
-    """All chunks: a ``lax.scan`` over the full ones, then the remainder."""
-    hidden, kernel, bias = arrays[:3]
-    options = {**dict(config.static_options), **dynamic}
+def chunk_layout(num_tokens: int, chunk_size: int | None) -> tuple[int, int, int]:
+    """``(steps, rows, rest)`` with ``steps * rows + rest == num_tokens``.
+
+    Step ``s`` of the scan takes the *strided* rows ``s, s + steps, s + 2 steps,
+    ...`` of the first ``steps * rows`` tokens, so that under data parallelism
+    (tokens split in contiguous blocks over devices, by ``jit``'s partitioner)
+    every step touches every device's block equally and no device gathers
+    another's tokens. ``rows`` is the largest divisor of ``num_tokens`` up to
+    ``chunk_size`` when one above ``chunk_size / 2`` exists (then ``rest`` is 0);
+    otherwise ``rows = chunk_size`` and the last ``rest`` tokens form one more,
+    smaller chunk.
+    """
+    if chunk_size is None or chunk_size >= num_tokens:
+        return 1, num_tokens, 0
+    for rows in range(chunk_size, (chunk_size - 1) // 2, -1):
+        if num_tokens % rows == 0:
+            return num_tokens // rows, rows, 0
+    steps = num_tokens // chunk_size
+    return steps, chunk_size, num_tokens - steps * chunk_size
+
+
+def _varying(leaf) -> frozenset[str]:
+    """The ``shard_map`` axes over which ``leaf`` varies (empty outside, or unchecked)."""
+    aval = jax.typeof(leaf)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_axes(tree) -> tuple[str, ...]:
+    """The ``shard_map`` axes over which some leaf of ``tree`` varies (``check_vma``)."""
+    axes = set()
+    for leaf in jax.tree.leaves(tree):
+        axes |= _varying(leaf)
+    return tuple(sorted(axes))
+
+
+def _vary(tree, axes: tuple[str, ...]):
+    """Every leaf of ``tree`` marked as varying over ``axes`` (a no-op outside ``shard_map``).
+
+    Inside ``jax.shard_map`` with ``check_vma=True``, a replicated input (the
+    kernel) used with per-device ones (the hidden states) must be cast to varying
+    before entering the custom VJP: the transpose of that cast then sums its
+    per-device gradients over the axes, as autodiff does for the unchunked loss.
+    """
+    if not axes:
+        return tree
+    cast = getattr(jax.lax, "pcast", None)
+
+    def vary(leaf):
+        missing = tuple(a for a in axes if a not in _varying(leaf))
+        if not missing:
+            return leaf
+        if cast is not None:
+            return cast(leaf, missing, to="varying")
+        return jax.lax.pvary(leaf, missing)
+
+    return jax.tree.map(vary, tree)
+
+
+def _run(config: _Config, dynamic, rows, shared, with_grads: bool):
+    """All chunks: a ``lax.scan`` over the strided ones, then the remainder."""
+    hidden = rows[0]
     num_tokens = hidden.shape[0]
-    size = num_tokens if config.chunk_size is None else min(config.chunk_size, num_tokens)
-    full, rest = (num_tokens // size, num_tokens % size) if size else (0, 0)
-    zero = jnp.zeros((), jnp.float32)
-    sums = dict.fromkeys(("loss", *_METRICS), zero)
-    grads = None
+    steps, size, rest = chunk_layout(num_tokens, config.chunk_size)
+    if steps == 1:
+        return _chunk(config, dynamic, rows, shared, with_grads)
+    axes = _varying_axes((rows, shared, dynamic))
+    main = steps * size
+
+    def strided(x):  # [steps * size, ...] -> [size, steps, ...]
+        return None if x is None else x[:main].reshape(size, steps, *x.shape[1:])
+
+    views = jax.tree.map(strided, rows, is_leaf=lambda x: x is None)
+
+    def body(carry, index):
+        chunk_rows = jax.tree.map(
+            lambda view: jax.lax.dynamic_index_in_dim(view, index, axis=1, keepdims=False),
+            views,
+        )
+        sums, grads = _chunk(config, dynamic, chunk_rows, shared, with_grads)
+        if not with_grads:
+            return _add(carry, sums), None
+        d_hidden, *accumulated = grads
+        return _add(carry, (sums, *accumulated)), d_hidden
+
+    zeros = dict.fromkeys(("loss", *_METRICS), jnp.zeros((), jnp.float32))
     if with_grads:
-        grads = (
-            jnp.zeros((0, hidden.shape[1]), hidden.dtype),
+        kernel, bias = shared[:2]
+        zeros = (
+            zeros,
             jnp.zeros(kernel.shape, jnp.float32),
             None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+            jax.tree.map(jnp.zeros_like, dynamic),
         )
-    if full == 1:
-        sums, grads = _chunk(config, options, 0, size, arrays, with_grads)
-    elif full > 1:
-
-        def body(carry, index):
-            chunk_sums, chunk_grads = _chunk(
-                config, options, index * size, size, arrays, with_grads
-            )
-            if not with_grads:
-                return _add(carry, chunk_sums), None
-            d_hidden, d_kernel, d_bias = chunk_grads
-            carry_sums, (acc_kernel, acc_bias) = carry
-            accumulated = (acc_kernel + d_kernel, None if d_bias is None else acc_bias + d_bias)
-            return (_add(carry_sums, chunk_sums), accumulated), d_hidden
-
-        init = (sums, grads[1:]) if with_grads else sums
-        carry, d_hidden = jax.lax.scan(body, init, jnp.arange(full))
-        if with_grads:
-            sums, (d_kernel, d_bias) = carry
-            grads = (d_hidden.reshape(full * size, hidden.shape[1]), d_kernel, d_bias)
-        else:
-            sums = carry
+    carry, d_hidden = jax.lax.scan(body, _vary(zeros, axes), jnp.arange(steps))
+    if with_grads:
+        sums, d_kernel, d_bias, d_dynamic = carry
+        d_hidden = jnp.swapaxes(d_hidden, 0, 1).reshape(main, hidden.shape[1])
+        grads = (d_hidden, d_kernel, d_bias, d_dynamic)
+    else:
+        sums, grads = carry, None
     if rest:
-        rest_sums, rest_grads = _chunk(config, options, full * size, rest, arrays, with_grads)
-        sums = _add(sums, rest_sums)
+        tail = jax.tree.map(
+            lambda x: None if x is None else x[main:], rows, is_leaf=lambda x: x is None
+        )
+        tail_sums, tail_grads = _chunk(config, dynamic, tail, shared, with_grads)
+        sums = _add(sums, tail_sums)
         if with_grads:
             grads = (
-                jnp.concatenate([grads[0], rest_grads[0]]),
-                grads[1] + rest_grads[1],
-                None if bias is None else grads[2] + rest_grads[2],
+                jnp.concatenate([grads[0], tail_grads[0]]),
+                *_add(grads[1:], tail_grads[1:]),
             )
     return sums, grads
 
 
-@jax.custom_vjp
-def _fused(config_box, dynamic, arrays):
-    sums, _ = _run(config_box.config, dynamic, arrays, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(box, dynamic, rows, shared):
+    sums, _ = _run(box.config, dynamic, rows, shared, with_grads=False)
     return sums
 
 
-def _fused_fwd(config_box, dynamic, arrays):
-    sums, grads = _run(config_box.config, dynamic, arrays, with_grads=True)
-    return sums, (grads, arrays)
+def _fused_fwd(box, dynamic, rows, shared):
+    sums, grads = _run(box.config, dynamic, rows, shared, with_grads=True)
+    return sums, grads
 
 
-def _fused_bwd(residuals, cotangent):
-    (d_hidden, d_kernel, d_bias), arrays = residuals
-    hidden, kernel, bias = arrays[:3]
+def _fused_bwd(box, grads, cotangent):
+    d_hidden, d_kernel, d_bias, d_dynamic = grads
     scale = cotangent["loss"]
-    arrays_cotangent = (
-        (scale * d_hidden.astype(jnp.float32)).astype(hidden.dtype),
-        (scale * d_kernel).astype(kernel.dtype),
-        None if bias is None else (scale * d_bias).astype(bias.dtype),
-        None,  # the teacher is frozen
-        None,
-        None,
+    d_bias = None if d_bias is None else (scale * d_bias).astype(box.bias_dtype)
+    return (
+        jax.tree.map(lambda d: scale * d, d_dynamic),
+        ((scale * d_hidden).astype(box.hidden_dtype), None, None, None),  # the teacher is frozen
+        ((scale * d_kernel).astype(box.kernel_dtype), d_bias, None, None),
     )
-    return None, None, arrays_cotangent
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class _ConfigBox:
-    """Carries the static config through ``custom_vjp`` as a leafless pytree."""
+class _Static:
+    """What the custom VJP needs statically: the config and the cotangents' dtypes."""
 
     config: _Config
+    hidden_dtype: Any
+    kernel_dtype: Any
+    bias_dtype: Any
 
 
 def chunked_distillation_loss(
@@ -355,12 +433,21 @@ def chunked_distillation_loss(
 
     Only ``chunk_size`` tokens' logits exist at any time, in the forward pass and
     in the backward pass: the gradients with respect to ``student_hidden``,
-    ``student_kernel`` and ``student_bias`` are computed in the forward pass, chunk
-    by chunk (float32 accumulation for the kernel and bias), and scaled by the
-    cotangent in the backward pass. No gradient flows to the teacher's arrays (it is
-    frozen, as under ``stop_gradient``), nor to ``alpha``, ``temperature`` and the
-    other options. ``chunk_size=None`` computes the whole ``[N, V]`` at once with
-    plain autodiff (the naive reference, same values).
+    ``student_kernel``, ``student_bias`` and the traced scalar options (a learned
+    temperature or logit scale, say) are computed in the forward pass, chunk by
+    chunk (float32 accumulation), and scaled by the cotangent in the backward pass.
+    Only ``loss`` carries gradients: ``kd``, ``ce`` and the metric sums are
+    returned under ``stop_gradient`` (weigh the two terms with ``alpha``). No
+    gradient flows to the teacher's arrays (it is frozen, as under
+    ``stop_gradient``). ``chunk_size=None`` computes the whole ``[N, V]`` at once
+    with plain autodiff: the naive reference, with the same values and gradients.
+
+    Chunks are strided: with ``s`` chunks, chunk ``i`` holds tokens ``i, i + s,
+    i + 2 s, ...`` (:func:`chunk_layout`), so that under ``jax.jit`` over a mesh
+    whose data axis splits the tokens, each device computes its own tokens and
+    gathers none. Inside ``jax.shard_map`` it works with ``check_vma`` on or off:
+    replicated inputs are cast to varying before the custom VJP, whose transpose
+    then sums their gradients over the axis, as autodiff of the unchunked loss does.
 
     Args:
       student_hidden: float array ``[N, d]``, e.g. ``[B, L, d]`` reshaped; bfloat16
@@ -383,7 +470,9 @@ def chunked_distillation_loss(
       teacher_logit_scale, teacher_softcap: the same for a teacher given by hidden
         states (ignored with ``teacher_logits``).
       where: optional bool mask ``[N]`` of real tokens; masked tokens change
-        neither the sums nor any gradient, whatever their hidden states or labels.
+        neither the sums nor any gradient, whatever their hidden states (even NaN)
+        or labels. A kept token's out-of-range label raises when the labels are
+        concrete, and makes the loss and its gradients NaN under ``jit``.
       chunk_size: tokens per chunk (the last chunk holds the remainder); ``"auto"``:
         the power of two that makes a chunk's logits about ``2**22`` floats (16 MiB
         in float32; 64 tokens of a 65,536 vocabulary), at least 16 tokens.
@@ -416,14 +505,12 @@ def chunked_distillation_loss(
     if teacher_logits is not None:
         _check_rows("teacher_logits", teacher_logits, num_tokens, 2, _checks.check_floating)
         teacher_vocab = jnp.shape(teacher_logits)[1]
-        teacher = teacher_logits
     else:
         if teacher_hidden is None:
             raise ValueError("`teacher_kernel` needs `teacher_hidden` [N, d_t].")
         check_projection("teacher", teacher_hidden, teacher_kernel, teacher_bias)
         _check_rows("teacher_hidden", teacher_hidden, num_tokens, 2, _checks.check_floating)
         teacher_vocab = jnp.shape(teacher_kernel)[1]
-        teacher = (teacher_hidden, teacher_kernel, teacher_bias)
     if teacher_vocab != vocab:
         raise ValueError(
             f"The teacher's vocabulary ({teacher_vocab}) differs from the student's "
@@ -468,12 +555,22 @@ def chunked_distillation_loss(
         with_metrics=with_metrics,
         static_options=static,
     )
-    arrays = (student_hidden, student_kernel, student_bias, teacher, labels, where)
-    arrays = jax.tree.map(jnp.asarray, arrays)
-    if chunk_size is None:
-        sums, _ = _run(config, dynamic, arrays, with_grads=False)
+    if labels is not None:  # eagerly, as cross_entropy_with_integer_labels does
+        _checks.check_labels(labels, (num_tokens, vocab), 1, where)
+    if teacher_logits is not None:
+        teacher_rows, teacher_shared = teacher_logits, (None, None)
     else:
-        sums = _fused(_ConfigBox(config), dynamic, arrays)
+        teacher_rows, teacher_shared = teacher_hidden, (teacher_kernel, teacher_bias)
+    as_array = functools.partial(jax.tree.map, jnp.asarray)
+    rows = as_array((student_hidden, teacher_rows, labels, where))
+    shared = as_array((student_kernel, student_bias, *teacher_shared))
+    axes = _varying_axes((rows, shared, dynamic))
+    rows, shared, dynamic = _vary((rows, shared, dynamic), axes)
+    if chunk_size is None:
+        sums, _ = _run(config, dynamic, rows, shared, with_grads=False)
+    else:
+        dtypes = [None if x is None else x.dtype for x in (rows[0], *shared[:2])]
+        sums = _fused(_Static(config, *dtypes), dynamic, rows, shared)
     loss_sum = sums["loss"]
     metric_sums = jax.lax.stop_gradient({k: sums[k] for k in _METRICS})
     count = (

@@ -6,11 +6,17 @@ textbook terms ``p_t (log p_t - log p_s)`` subtract two separately rounded
 log-probabilities; the functions here keep float32 precision there (see the
 comment above :func:`softened_pair`). :mod:`jaxkd.losses._divergences` builds the public
 losses from them.
+
+The class axis may also be sharded: inside ``jax.shard_map``, with
+``vocab_axis_name`` naming the mesh axis over which each device holds a slice of the
+classes, every reduction over classes (:func:`class_max`, :func:`class_sum`,
+:func:`class_any`) is completed across that axis (``lax.pmax``, ``lax.psum``), so
+the same terms give the values of the gathered logits on every device of the axis,
+at the same precision. With ``vocab_axis_name=None`` nothing is communicated.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -19,6 +25,51 @@ import jax.numpy as jnp
 
 from jaxkd import _checks
 from jaxkd.losses._distributions import _as_compute_dtype, prepare_logits
+
+
+def class_max(arrays, axis: int, vocab_axis_name=None):
+    """Each array's maximum over the class axis (keepdims), held constant for the gradient.
+
+    A row without finite maximum gives 0. With ``vocab_axis_name``, the local maxima
+    are reduced with one ``lax.pmax`` across that mesh axis (which has no derivative:
+    they are constant before it).
+
+    Args:
+      arrays: a tuple of float arrays.
+      axis: the class axis.
+      vocab_axis_name: ``None`` or the mesh axis over which the classes are sharded.
+
+    Returns:
+      A tuple of arrays of each input's shape with size 1 along ``axis``.
+    """
+    maxima = tuple(jnp.max(x, axis=axis, keepdims=True) for x in arrays)
+    if vocab_axis_name is not None:
+        maxima = jax.lax.pmax(jax.lax.stop_gradient(maxima), vocab_axis_name)
+    return tuple(jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0)) for m in maxima)
+
+
+def class_sum(arrays, axis: int, vocab_axis_name=None, *, keepdims: bool = False):
+    """Each array's sum over the class axis; with ``vocab_axis_name``, one ``psum`` of them all.
+
+    Args:
+      arrays: a tuple of arrays.
+      axis: the class axis.
+      vocab_axis_name: ``None`` or the mesh axis over which the classes are sharded.
+      keepdims: keep ``axis`` with size 1.
+
+    Returns:
+      A tuple of the sums, the same on every device of ``vocab_axis_name``.
+    """
+    totals = tuple(jnp.sum(x, axis=axis, keepdims=keepdims) for x in arrays)
+    return totals if vocab_axis_name is None else jax.lax.psum(totals, vocab_axis_name)
+
+
+def class_any(masks, axis: int, vocab_axis_name=None):
+    """Each bool array's ``any`` over the class axis (a ``psum`` of counts when sharded)."""
+    if vocab_axis_name is None:
+        return tuple(jnp.any(m, axis=axis) for m in masks)
+    counts = class_sum(tuple(m.astype(jnp.int32) for m in masks), axis, vocab_axis_name)
+    return tuple(count > 0 for count in counts)
 
 
 def kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -136,6 +187,9 @@ class SoftenedPair(NamedTuple):
       full_rows: bool, the logits' shape without ``axis``: both distributions have
         some class (neither is fully masked or ``-inf``).
       axis: the non-negative class axis.
+      vocab_axis_name: ``None``, or the mesh axis over which the classes are sharded
+        (the arrays above are then this device's slice of the classes; ``full_rows``
+        is global).
     """
 
     p_s: jax.Array
@@ -146,21 +200,37 @@ class SoftenedPair(NamedTuple):
     log_ratio: jax.Array
     full_rows: jax.Array
     axis: int
+    vocab_axis_name: str | None = None
 
 
-def _softmax_parts(x: jax.Array, axis: int):
-    """``(p, log_p, lse)`` of a row of logits; an empty row has ``p = 0`` and ``lse = 0``."""
-    x_max = jnp.max(x, axis=axis, keepdims=True)
-    x_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(x_max), x_max, 0.0))
-    unnormalized = jnp.exp(x - x_max)
-    total = jnp.sum(unnormalized, axis=axis, keepdims=True)
-    safe_total = jnp.where(total > 0, total, 1.0)
-    log_total = jnp.log(safe_total)
-    return unnormalized / safe_total, (x - x_max) - log_total, x_max + log_total
+def softmax_parts(arrays, axis: int, vocab_axis_name=None):
+    """``(p, log_p, lse)`` of each array of logits; an empty row has ``p = 0`` and ``lse = 0``.
+
+    ``log_p = (x - max) - log(sum(exp(x - max)))``, the maximum and the sum taken over
+    the class axis and, with ``vocab_axis_name``, across that mesh axis too (one
+    ``pmax`` and one ``psum`` for all the arrays); ``lse`` (keepdims) is then global.
+    ``-inf`` entries give ``p = 0`` and ``log_p = -inf``, never NaN.
+    """
+    maxima = class_max(arrays, axis, vocab_axis_name)
+    unnormalized = tuple(jnp.exp(x - m) for x, m in zip(arrays, maxima, strict=True))
+    totals = class_sum(unnormalized, axis, vocab_axis_name, keepdims=True)
+    parts = []
+    for x, x_max, e, total in zip(arrays, maxima, unnormalized, totals, strict=True):
+        safe_total = jnp.where(total > 0, total, 1.0)
+        log_total = jnp.log(safe_total)
+        parts.append((e / safe_total, (x - x_max) - log_total, x_max + log_total))
+    return tuple(parts)
 
 
 def softened_pair(
-    student_logits, teacher_logits, temperature, axis, where, *, refine: bool = False
+    student_logits,
+    teacher_logits,
+    temperature,
+    axis,
+    where,
+    *,
+    refine: bool = False,
+    vocab_axis_name=None,
 ) -> SoftenedPair:
     """Validates a student/teacher pair and returns their :class:`SoftenedPair`.
 
@@ -169,6 +239,11 @@ def softened_pair(
     to ``eps * |lse|``; with ``refine=True`` the constant is corrected so that
     ``sum(p_s * exp(log_ratio))`` over near classes equals the student's total mass
     minus the teacher's mass on the other classes, to float precision.
+
+    With ``vocab_axis_name`` (inside ``jax.shard_map``, the mesh axis over which the
+    class axis is sharded), ``lse``, ``full_rows`` and the refinement's totals are
+    reduced across that axis too, so the log-ratio, the ``near`` classes and every
+    term are those of the gathered logits, on this device's slice of the classes.
     """
     _checks.check_same_shape(["student_logits", "teacher_logits"], [student_logits, teacher_logits])
     student, mask, axis = prepare_logits("student_logits", student_logits, temperature, axis, where)
@@ -178,11 +253,13 @@ def softened_pair(
     if mask is not None:
         student = jnp.where(mask, student, -jnp.inf)
         teacher = jnp.where(mask, teacher, -jnp.inf)
-    p_s, log_p_s, lse_s = _softmax_parts(student, axis)
-    p_t, log_p_t, lse_t = _softmax_parts(teacher, axis)
+    (p_s, log_p_s, lse_s), (p_t, log_p_t, lse_t) = softmax_parts(
+        (student, teacher), axis, vocab_axis_name
+    )
     has_s, has_t = log_p_s > -jnp.inf, log_p_t > -jnp.inf
     both = has_s & has_t
-    full_rows = jnp.any(has_s, axis=axis) & jnp.any(has_t, axis=axis)
+    any_s, any_t = class_any((has_s, has_t), axis, vocab_axis_name)
+    full_rows = any_s & any_t
 
     temperature = jnp.asarray(temperature, dtype)
     raw_s = jnp.where(both, _as_compute_dtype(student_logits).astype(dtype), 0.0)
@@ -192,35 +269,64 @@ def softened_pair(
     rough = jnp.where(near, rough, 0.0)
 
     if not refine:
-        return SoftenedPair(p_s, p_t, log_p_s, log_p_t, near, rough, full_rows, axis)
+        return SoftenedPair(
+            p_s, p_t, log_p_s, log_p_t, near, rough, full_rows, axis, vocab_axis_name
+        )
     # On near classes p_s * exp(rough - shift) must add up to the student's total
-    # mass minus the teacher's mass elsewhere: shift = log1p(relative excess).
-    total = functools.partial(jnp.sum, axis=axis, keepdims=True)
-    excess = total(jnp.where(near, p_s * jnp.expm1(rough), 0.0))
-    student_elsewhere = total(jnp.where(near, 0.0, p_s))
-    teacher_elsewhere = total(jnp.where(near, 0.0, p_t))
-    target = total(p_s) - teacher_elsewhere
+    # mass minus the teacher's mass elsewhere: shift = log1p(relative excess). The
+    # totals are global (one psum when the classes are sharded).
+    excess, student_elsewhere, teacher_elsewhere, student_total = class_sum(
+        (
+            jnp.where(near, p_s * jnp.expm1(rough), 0.0),
+            jnp.where(near, 0.0, p_s),
+            jnp.where(near, 0.0, p_t),
+            p_s,
+        ),
+        axis,
+        vocab_axis_name,
+        keepdims=True,
+    )
+    target = student_total - teacher_elsewhere
     relative = (excess - student_elsewhere + teacher_elsewhere) / jnp.where(target > 0, target, 1.0)
     usable = (target > 0) & (relative > -1.0)
     shift = jnp.where(usable, jnp.log1p(jnp.where(usable, relative, 0.0)), 0.0)
     log_ratio = jnp.where(near, rough - shift, 0.0)
-    return SoftenedPair(p_s, p_t, log_p_s, log_p_t, near, log_ratio, full_rows, axis)
+    return SoftenedPair(
+        p_s, p_t, log_p_s, log_p_t, near, log_ratio, full_rows, axis, vocab_axis_name
+    )
 
 
 def pair_divergence(
-    student_logits, teacher_logits, temperature, axis, where, terms, *, refine=False
+    student_logits,
+    teacher_logits,
+    temperature,
+    axis,
+    where,
+    terms,
+    *,
+    refine=False,
+    vocab_axis_name=None,
 ):
     """``T^2 * sum_classes terms``: the frame of the KL-family divergences here.
 
     ``terms(pair)`` returns ``(balanced, plain)`` elementwise terms; the balanced sum
     is used where both distributions exist, the plain one in the other rows (where
-    the balanced terms' added masses would not cancel).
+    the balanced terms' added masses would not cancel). With ``vocab_axis_name``
+    the pair is global (:func:`softened_pair`) and both sums are ``psum``-ed across
+    that axis: the value is the gathered logits', the same on every device.
     """
-    pair = softened_pair(student_logits, teacher_logits, temperature, axis, where, refine=refine)
-    balanced, plain = terms(pair)
-    value = jnp.where(
-        pair.full_rows, jnp.sum(balanced, axis=pair.axis), jnp.sum(plain, axis=pair.axis)
+    pair = softened_pair(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        refine=refine,
+        vocab_axis_name=vocab_axis_name,
     )
+    balanced, plain = terms(pair)
+    balanced_sum, plain_sum = class_sum((balanced, plain), pair.axis, vocab_axis_name)
+    value = jnp.where(pair.full_rows, balanced_sum, plain_sum)
     return jnp.square(jnp.asarray(temperature, value.dtype)) * value
 
 

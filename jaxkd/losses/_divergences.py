@@ -26,6 +26,12 @@ Conventions shared by all of them:
   ``-inf`` logits or underflow) contribute nothing and give finite gradients.
 * Nothing stops gradients into ``teacher_logits``: the train step never
   differentiates the teacher, and symmetric uses (mutual learning) stay possible.
+* ``vocab_axis_name`` (all but :func:`logit_mse`): inside ``jax.shard_map``, the
+  logits may be a slice of the classes on each device of a mesh axis (a vocabulary
+  shard ``[..., V/m]``); naming that axis completes every maximum and sum over
+  classes across it (``lax.pmax``, ``lax.psum``), so each device gets the value of
+  the gathered logits, at the same precision, without gathering them.
+  :func:`jaxkd.losses.vocab_parallel_divergence` dispatches to these functions.
 """
 
 from __future__ import annotations
@@ -36,43 +42,65 @@ import jax.numpy as jnp
 from jaxkd import _checks
 from jaxkd.losses._distributions import prepare_logits, scaled_log_softmax
 from jaxkd.losses._divergence_terms import (
+    class_sum,
     forward_kl_terms,
     mixture_kl_terms,
     pair_divergence,
     reverse_kl_terms,
+    softmax_parts,
     total_variation_terms,
 )
 
 
-def softened_log_probs(student_logits, teacher_logits, temperature, axis, where):
+def softened_log_probs(
+    student_logits, teacher_logits, temperature, axis, where, *, vocab_axis_name=None
+):
     """Validates a student/teacher pair; returns ``(log_p_s, log_p_t, mask, axis)``.
 
-    ``mask`` is the full-shape bool mask of classes taking part (or ``None``).
+    ``mask`` is the full-shape bool mask of classes taking part (or ``None``). With
+    ``vocab_axis_name`` the log-probabilities are this device's slice of the global
+    ones (:func:`jaxkd.losses._divergence_terms.softmax_parts`).
     """
     _checks.check_same_shape(["student_logits", "teacher_logits"], [student_logits, teacher_logits])
     student, mask, axis = prepare_logits("student_logits", student_logits, temperature, axis, where)
     teacher, _, _ = prepare_logits("teacher_logits", teacher_logits, temperature, axis, where)
     dtype = jnp.promote_types(student.dtype, teacher.dtype)
-    log_p_s = scaled_log_softmax(student.astype(dtype), axis, mask)
-    log_p_t = scaled_log_softmax(teacher.astype(dtype), axis, mask)
+    student, teacher = student.astype(dtype), teacher.astype(dtype)
+    if vocab_axis_name is None:
+        log_p_s = scaled_log_softmax(student, axis, mask)
+        log_p_t = scaled_log_softmax(teacher, axis, mask)
+        return log_p_s, log_p_t, mask, axis
+    if mask is not None:
+        student = jnp.where(mask, student, -jnp.inf)
+        teacher = jnp.where(mask, teacher, -jnp.inf)
+    (_, log_p_s, _), (_, log_p_t, _) = softmax_parts((student, teacher), axis, vocab_axis_name)
     return log_p_s, log_p_t, mask, axis
 
 
-def _tempered_divergence(student_logits, teacher_logits, temperature, axis, where, terms):
-    """``T^2 * sum_classes terms(log_p_s, log_p_t)``: the frame of every divergence here.
+def _tempered_divergence(
+    student_logits, teacher_logits, temperature, axis, where, terms, *, vocab_axis_name=None
+):
+    """``T^2 * sum_classes terms(log_p_s, log_p_t)``, for terms without cancellation.
 
     Args:
       terms: elementwise function of the two log-probability arrays.
+      vocab_axis_name: ``None`` or the mesh axis over which the classes are sharded.
     """
     log_p_s, log_p_t, _, axis = softened_log_probs(
-        student_logits, teacher_logits, temperature, axis, where
+        student_logits, teacher_logits, temperature, axis, where, vocab_axis_name=vocab_axis_name
     )
-    value = jnp.sum(terms(log_p_s, log_p_t), axis=axis)
+    (value,) = class_sum((terms(log_p_s, log_p_t),), axis, vocab_axis_name)
     return jnp.square(jnp.asarray(temperature, value.dtype)) * value
 
 
 def kl_divergence(
-    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Hinton's soft-target loss: :math:`T^2\,\mathrm{KL}(p_t \,\|\, p_s)`.
 
@@ -90,6 +118,9 @@ def kl_divergence(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -105,12 +136,24 @@ def kl_divergence(
       2015. https://arxiv.org/abs/1503.02531
     """
     return pair_divergence(
-        student_logits, teacher_logits, temperature, axis, where, forward_kl_terms
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        forward_kl_terms,
+        vocab_axis_name=vocab_axis_name,
     )
 
 
 def reverse_kl_divergence(
-    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Mode-seeking reverse KL: :math:`T^2\,\mathrm{KL}(p_s \,\|\, p_t)`.
 
@@ -123,6 +166,9 @@ def reverse_kl_divergence(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -132,12 +178,24 @@ def reverse_kl_divergence(
       Models", ICLR 2024. https://arxiv.org/abs/2306.08543
     """
     return pair_divergence(
-        student_logits, teacher_logits, temperature, axis, where, reverse_kl_terms
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        reverse_kl_terms,
+        vocab_axis_name=vocab_axis_name,
     )
 
 
 def soft_cross_entropy(
-    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Soft-target cross entropy: :math:`T^2\,H(p_t, p_s)`.
 
@@ -153,6 +211,9 @@ def soft_cross_entropy(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -168,7 +229,15 @@ def soft_cross_entropy(
         safe_log_p_s = jnp.where(present, log_p_s, 0.0)
         return jnp.where(present, -jnp.exp(safe_log_p_t) * safe_log_p_s, 0.0)
 
-    return _tempered_divergence(student_logits, teacher_logits, temperature, axis, where, terms)
+    return _tempered_divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        terms,
+        vocab_axis_name=vocab_axis_name,
+    )
 
 
 def generalized_jsd(
@@ -179,6 +248,7 @@ def generalized_jsd(
     temperature=1.0,
     axis: int = -1,
     where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Generalized Jensen-Shannon divergence with mixing weight ``beta``.
 
@@ -208,6 +278,9 @@ def generalized_jsd(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -217,7 +290,7 @@ def generalized_jsd(
       Self-Generated Mistakes" (GKD), ICLR 2024. https://arxiv.org/abs/2306.13649
     """
     _checks.check_unit_interval("beta", beta)
-    kwargs = dict(temperature=temperature, axis=axis, where=where)
+    kwargs = dict(temperature=temperature, axis=axis, where=where, vocab_axis_name=vocab_axis_name)
     if not _checks.is_concrete(beta):
         return _generalized_jsd_traced(student_logits, teacher_logits, beta, **kwargs)
     beta = float(beta)
@@ -228,29 +301,61 @@ def generalized_jsd(
     return _mixture_jsd(student_logits, teacher_logits, beta, **kwargs)
 
 
-def _mixture_jsd(student_logits, teacher_logits, beta, *, temperature, axis, where):
+def _mixture_jsd_terms(pair, beta):
+    """Terms of ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, as ``(balanced, plain)``."""
+    teacher_terms, student_terms = mixture_kl_terms(pair, beta)
+    return tuple(
+        beta * t + (1 - beta) * s for t, s in zip(teacher_terms, student_terms, strict=True)
+    )
+
+
+def _mixture_jsd(
+    student_logits, teacher_logits, beta, *, temperature, axis, where, vocab_axis_name
+):
     """``beta KL(p_t || m) + (1 - beta) KL(p_s || m)`` for any ``beta`` in [0, 1]."""
+    return pair_divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        lambda pair: _mixture_jsd_terms(pair, beta),
+        vocab_axis_name=vocab_axis_name,
+    )
 
-    def terms(pair):
-        teacher_terms, student_terms = mixture_kl_terms(pair, beta)
-        return tuple(
-            beta * t + (1 - beta) * s for t, s in zip(teacher_terms, student_terms, strict=True)
-        )
 
-    return pair_divergence(student_logits, teacher_logits, temperature, axis, where, terms)
-
-
-def _generalized_jsd_traced(student_logits, teacher_logits, beta, **kwargs):
+def _generalized_jsd_traced(
+    student_logits, teacher_logits, beta, *, temperature, axis, where, vocab_axis_name
+):
     """:func:`generalized_jsd` for a traced ``beta`` (e.g. a schedule in a jitted step).
 
-    The endpoints are selected with ``jnp.where``, so all three divergences are
-    computed; a ``beta`` outside ``[0, 1]`` gives NaN rather than a silent value.
+    The endpoints' terms (forward KL, reverse KL) and the mixture's are computed
+    from one softened pair and selected with ``jnp.where``; a ``beta`` outside
+    ``[0, 1]`` gives NaN rather than a silent value.
     """
     beta = jnp.asarray(beta, jnp.float32)
-    mixture = _mixture_jsd(student_logits, teacher_logits, beta, **kwargs)
-    forward = kl_divergence(student_logits, teacher_logits, **kwargs)
-    reverse = reverse_kl_divergence(student_logits, teacher_logits, **kwargs)
-    value = jnp.where(beta == 0.0, forward, jnp.where(beta == 1.0, reverse, mixture))
+
+    def terms(pair):
+        candidates = zip(
+            forward_kl_terms(pair),
+            reverse_kl_terms(pair),
+            _mixture_jsd_terms(pair, beta),
+            strict=True,
+        )
+        return tuple(
+            jnp.where(beta == 0.0, forward, jnp.where(beta == 1.0, reverse, mixture))
+            for forward, reverse, mixture in candidates
+        )
+
+    value = pair_divergence(
+        student_logits,
+        teacher_logits,
+        temperature,
+        axis,
+        where,
+        terms,
+        vocab_axis_name=vocab_axis_name,
+    )
     return jnp.where((beta >= 0.0) & (beta <= 1.0), value, jnp.nan)
 
 
@@ -262,6 +367,7 @@ def skew_kl_divergence(
     temperature=1.0,
     axis: int = -1,
     where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Skew KL: :math:`T^2\,\mathrm{KL}(p_t \,\|\, \alpha p_t + (1 - \alpha) p_s)`.
 
@@ -276,6 +382,9 @@ def skew_kl_divergence(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -292,6 +401,7 @@ def skew_kl_divergence(
         axis,
         where,
         lambda pair: mixture_kl_terms(pair, alpha)[0],
+        vocab_axis_name=vocab_axis_name,
     )
 
 
@@ -303,6 +413,7 @@ def skew_reverse_kl_divergence(
     temperature=1.0,
     axis: int = -1,
     where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Skew reverse KL: :math:`T^2\,\mathrm{KL}(p_s \,\|\, \alpha p_s + (1 - \alpha) p_t)`.
 
@@ -315,6 +426,9 @@ def skew_reverse_kl_divergence(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -331,11 +445,18 @@ def skew_reverse_kl_divergence(
         axis,
         where,
         lambda pair: mixture_kl_terms(pair, 1.0 - jnp.asarray(alpha))[1],
+        vocab_axis_name=vocab_axis_name,
     )
 
 
 def total_variation(
-    student_logits, teacher_logits, *, temperature=1.0, axis: int = -1, where=None
+    student_logits,
+    teacher_logits,
+    *,
+    temperature=1.0,
+    axis: int = -1,
+    where=None,
+    vocab_axis_name=None,
 ) -> jax.Array:
     r"""Total variation distance, times :math:`T^2` like the other divergences.
 
@@ -350,6 +471,9 @@ def total_variation(
       temperature: positive scalar ``T``.
       axis: the class axis.
       where: optional bool mask, per class or per example (module docstring).
+      vocab_axis_name: inside ``jax.shard_map``, the name of a mesh axis over which
+        the class axis is sharded: the value is the gathered logits', on every device
+        of that axis (module docstring). ``None`` (default): the class axis is whole.
 
     Returns:
       Non-negative array of the logits' shape without ``axis``.
@@ -366,6 +490,7 @@ def total_variation(
         where,
         total_variation_terms,
         refine=True,
+        vocab_axis_name=vocab_axis_name,
     )
 
 

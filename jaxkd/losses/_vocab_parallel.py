@@ -9,6 +9,9 @@ functions here compute the same per-token values as the full-vocabulary losses
 :func:`jaxkd.cross_entropy_with_integer_labels`) without gathering the logits: the
 row maximum is reduced with ``lax.pmax``, the softmax normalizer and the sums over
 classes with ``lax.psum``, so each device exchanges a few numbers per token.
+:func:`vocab_parallel_divergence` is those very functions, called with
+``vocab_axis_name=axis_name`` (:mod:`jaxkd.losses._divergences`): the same terms,
+the same code.
 
 Conventions:
 
@@ -23,17 +26,11 @@ Conventions:
 * ``-inf`` logits (a padded vocabulary, whose tail shard may be all ``-inf``) get
   probability 0, with ``0 log 0 = 0`` and finite gradients.
 * bfloat16/float16 logits are computed in float32.
-* Plain log-space terms, ``p_t (log p_t - log p_s)`` and the like, without the
-  full-vocabulary functions' machinery for close distributions (log-ratios taken
-  from the logits' difference, :mod:`jaxkd.losses._divergence_terms`). The value's
-  error in float32 is absolute, not relative: about ``T**2 * 5e-7`` per token at
-  V = 4096. Between distributions that differ clearly that is 1e-6 relative at
-  ``T <= 4`` (the tests hold rtol 1e-5 at T in {1, 2}), but it grows as the
-  divergence shrinks. Measured against float64 at V = 4096, T = 4: a KL of about 9
-  is off by 2e-6 relative, 0.04 by 2e-4 and 5e-4 by 2e-2. The gradients stay within
-  about 1e-5 of their largest entry in all three cases. Where tiny divergences must
-  be exact (e.g. reported per token at a high temperature), gather the logits and
-  use the full-vocabulary functions.
+* The full-vocabulary functions' precision: about 1e-6 relative in float32 however
+  close the two distributions are (on classes where they are close, the log-ratio
+  is taken from the logits' difference and the global log-sum-exp difference,
+  :mod:`jaxkd.losses._divergence_terms`), not an absolute ``T**2 * 5e-7`` per token
+  as plain log-space terms would give.
 
 Gradients: differentiate from outside the ``shard_map`` (the usual way), or inside
 its body, with ``check_vma=True`` (the default): there the transpose of ``psum`` is
@@ -76,7 +73,8 @@ import jax.numpy as jnp
 
 from jaxkd import _checks
 from jaxkd.losses._distributions import _as_compute_dtype
-from jaxkd.losses._divergence_terms import kl_terms, log_mixture
+from jaxkd.losses._divergence_terms import softmax_parts
+from jaxkd.losses._divergences import DIVERGENCES
 
 # Each loss and its options (loss_kwargs) with their defaults, as in the full-vocab functions.
 _LOSS_OPTIONS: dict[str, dict[str, float]] = {
@@ -120,26 +118,17 @@ def _keep_tokens(logits: jax.Array, where) -> jax.Array:
     return jnp.where(jnp.expand_dims(where, -1), logits, 0.0)
 
 
-def _global_log_softmax(scaled: tuple[jax.Array, ...], axis_name) -> tuple[jax.Array, ...]:
-    """Shards of the global log-softmax of each array, with one ``pmax`` and one ``psum``.
+def _global_log_softmax(scaled: jax.Array, axis_name) -> jax.Array:
+    """This device's shard of the global log-softmax, with one ``pmax`` and one ``psum``.
 
     ``(x - max) - log(sum(exp(x - max)))`` with the maximum and the sum taken over
-    the whole vocabulary. The maximum is a constant for the gradient (0 for a row
-    without finite entries); ``-inf`` entries stay ``-inf``, and a row without
-    finite entries is all ``-inf``, never NaN.
+    the whole vocabulary (:func:`jaxkd.losses._divergence_terms.softmax_parts`). The
+    maximum is a constant for the gradient (0 for a row without finite entries);
+    ``-inf`` entries stay ``-inf``, and a row without finite entries is all
+    ``-inf``, never NaN.
     """
-    local_max = tuple(jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)) for x in scaled)
-    row_max = jax.lax.pmax(local_max, axis_name)
-    row_max = tuple(jnp.where(jnp.isfinite(m), m, 0.0) for m in row_max)
-    local_total = tuple(
-        jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
-        for x, m in zip(scaled, row_max, strict=True)
-    )
-    total = jax.lax.psum(local_total, axis_name)
-    return tuple(
-        (x - m) - jnp.log(jnp.where(t > 0, t, 1.0))
-        for x, m, t in zip(scaled, row_max, total, strict=True)
-    )
+    ((_, log_p, _),) = softmax_parts((scaled,), scaled.ndim - 1, axis_name)
+    return log_p
 
 
 def vocab_parallel_log_softmax(logits, *, axis_name, temperature=1.0) -> jax.Array:
@@ -161,71 +150,7 @@ def vocab_parallel_log_softmax(logits, *, axis_name, temperature=1.0) -> jax.Arr
     _check_logits("logits", logits)
     _checks.check_positive_scalar("temperature", temperature)
     logits = _as_compute_dtype(logits)
-    (log_p,) = _global_log_softmax((logits / jnp.asarray(temperature, logits.dtype),), axis_name)
-    return log_p
-
-
-def _reverse_kl(log_p_s, log_p_t):
-    return kl_terms(log_p_s, log_p_t)
-
-
-def _forward_kl(log_p_s, log_p_t):
-    return kl_terms(log_p_t, log_p_s)
-
-
-def _soft_cross_entropy(log_p_s, log_p_t):
-    present = log_p_t > -jnp.inf
-    safe_log_p_t = jnp.where(present, log_p_t, 0.0)
-    safe_log_p_s = jnp.where(present, log_p_s, 0.0)
-    return jnp.where(present, -jnp.exp(safe_log_p_t) * safe_log_p_s, 0.0)
-
-
-def _mixture_jsd(log_p_s, log_p_t, beta):
-    log_m = log_mixture(log_p_t, log_p_s, beta)
-    beta = jnp.asarray(beta, log_p_s.dtype)
-    return beta * kl_terms(log_p_t, log_m) + (1.0 - beta) * kl_terms(log_p_s, log_m)
-
-
-def _jsd(log_p_s, log_p_t, *, beta):
-    """Generalized JSD terms; ``beta`` 0 and 1 are forward and reverse KL, as in GKD."""
-    if _checks.is_concrete(beta):
-        beta = float(beta)
-        if beta == 0.0:
-            return _forward_kl(log_p_s, log_p_t)
-        if beta == 1.0:
-            return _reverse_kl(log_p_s, log_p_t)
-        return _mixture_jsd(log_p_s, log_p_t, beta)
-    # A traced beta (a schedule): all three, selected; NaN outside [0, 1].
-    beta = jnp.asarray(beta, log_p_s.dtype)
-    terms = jnp.where(
-        beta == 0.0,
-        _forward_kl(log_p_s, log_p_t),
-        jnp.where(beta == 1.0, _reverse_kl(log_p_s, log_p_t), _mixture_jsd(log_p_s, log_p_t, beta)),
-    )
-    return jnp.where((beta >= 0.0) & (beta <= 1.0), terms, jnp.nan)
-
-
-def _skew_kl(log_p_s, log_p_t, *, alpha):
-    return kl_terms(log_p_t, log_mixture(log_p_t, log_p_s, alpha))
-
-
-def _skew_reverse_kl(log_p_s, log_p_t, *, alpha):
-    return kl_terms(log_p_s, log_mixture(log_p_s, log_p_t, alpha))
-
-
-def _total_variation(log_p_s, log_p_t):
-    return 0.5 * jnp.abs(jnp.exp(log_p_t) - jnp.exp(log_p_s))
-
-
-_TERMS = {
-    "kl": _forward_kl,
-    "reverse_kl": _reverse_kl,
-    "soft_cross_entropy": _soft_cross_entropy,
-    "jsd": _jsd,
-    "skew_kl": _skew_kl,
-    "skew_reverse_kl": _skew_reverse_kl,
-    "total_variation": _total_variation,
-}
+    return _global_log_softmax(logits / jnp.asarray(temperature, logits.dtype), axis_name)
 
 
 def _loss_options(loss, loss_kwargs) -> dict:
@@ -285,9 +210,10 @@ def vocab_parallel_divergence(
       :math:`\mathrm{KL}(p_s \| \alpha p_s + (1 - \alpha) p_t)`;
     * ``"total_variation"``: :math:`\tfrac12 \sum_i |p_{t,i} - p_{s,i}|`.
 
-    Plain log-space terms (module docstring): an absolute error of about
-    ``T**2 * 5e-7`` per token in float32, so about 1e-6 relative at ``T <= 4`` unless
-    the two distributions are nearly equal; gradients are accurate in every case.
+    This is ``DIVERGENCES[loss](student_logits, teacher_logits, ...,
+    vocab_axis_name=axis_name)``, e.g. :func:`jaxkd.kl_divergence` with the
+    vocabulary axis named: the same terms, about 1e-6 relative precision in float32
+    however close the distributions (module docstring).
 
     Args:
       student_logits: float array ``[..., V/m]``, this device's vocabulary shard.
@@ -319,14 +245,17 @@ def vocab_parallel_divergence(
     _checks.check_positive_scalar("temperature", temperature)
     where = _check_token_mask(where, jnp.shape(student_logits)[:-1])
 
-    student = _as_compute_dtype(student_logits)
-    teacher = _as_compute_dtype(teacher_logits)
-    dtype = jnp.promote_types(student.dtype, teacher.dtype)
-    temperature = jnp.asarray(temperature, dtype)
-    scaled = tuple(_keep_tokens(x.astype(dtype), where) / temperature for x in (student, teacher))
-    log_p_s, log_p_t = _global_log_softmax(scaled, axis_name)
-    terms = _TERMS[loss](log_p_s, log_p_t, **options)
-    value = jnp.square(temperature) * jax.lax.psum(jnp.sum(terms, axis=-1), axis_name)
+    student = _keep_tokens(_as_compute_dtype(student_logits), where)
+    teacher = _keep_tokens(_as_compute_dtype(teacher_logits), where)
+    value = DIVERGENCES[loss](
+        student,
+        teacher,
+        temperature=temperature,
+        axis=-1,
+        where=where,  # per token: a masked token has no class, and gives 0
+        vocab_axis_name=axis_name,
+        **options,
+    )
     return value if where is None else jnp.where(where, value, 0.0)
 
 
@@ -369,7 +298,7 @@ def vocab_parallel_cross_entropy(logits, labels, *, axis_name, where=None) -> ja
     where = _check_token_mask(where, token_shape)
 
     logits = _keep_tokens(_as_compute_dtype(logits), where)
-    (log_p,) = _global_log_softmax((logits,), axis_name)
+    log_p = _global_log_softmax(logits, axis_name)
     local_size = logits.shape[-1]
     local_labels = labels - jax.lax.axis_index(axis_name) * local_size
     is_label = jax.nn.one_hot(local_labels, local_size, dtype=jnp.bool_)  # all False off-shard

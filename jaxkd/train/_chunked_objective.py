@@ -44,6 +44,21 @@ def _flat(name: str, array, lead: tuple[int, ...]):
     return jnp.reshape(array, (-1, *shape[len(lead) :]))
 
 
+def _token_mask(key: str, mask, lead: tuple[int, ...]) -> jax.Array:
+    """A bool token mask ``[*lead]`` (or ``[*lead, 1]``) flattened to ``[N]``."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"`batch[{key!r}]` must be a boolean mask, got dtype {mask.dtype}.")
+    if mask.shape == (*lead, 1):
+        mask = mask[..., 0]
+    if mask.shape != lead:
+        raise ValueError(
+            f"`batch[{key!r}]` must be a token mask of shape {lead} (or {(*lead, 1)}), got "
+            f"{mask.shape}; per-class masks are not supported by the chunked objective."
+        )
+    return mask.reshape(-1)
+
+
 def _projection_of(name: str, outputs) -> tuple[Any, Any, Any]:
     if not isinstance(outputs, Mapping) or "hidden" not in outputs or "kernel" not in outputs:
         got = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
@@ -138,13 +153,7 @@ def chunked_distillation_objective(
         labels = None if label_key is None else _flat(label_key, batch[label_key], lead)
         mask = batch.get(mask_key)
         if mask is not None:
-            mask = _flat(mask_key, jnp.asarray(mask), lead)
-            if mask.ndim != 1:
-                raise ValueError(
-                    f"`batch[{mask_key!r}]` must be a token mask of shape {lead}, got "
-                    f"{jnp.shape(batch[mask_key])}."
-                )
-            mask = mask.astype(bool)
+            mask = _token_mask(mask_key, mask, lead)
         alpha_now = _scheduled("alpha", alpha, step, _checks.check_unit_interval, _in_unit_interval)
         temperature_now = _scheduled(
             "temperature", temperature, step, _checks.check_positive_scalar, _positive
