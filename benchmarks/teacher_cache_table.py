@@ -36,6 +36,7 @@ from experiments.data.teacher_cache import LOGITS_KEY, TOP_K_KEYS, CacheSpec
 from jaxkd.losses._sparse_teacher import SparseTeacher, tail_bucket_kl, top_k_kl
 
 KS = (8, 32, 128, None)
+EVAL_WINDOWS = 32  # windows whose logits are held at once
 COLUMNS = (
     "k",
     "bytes/token (layout)",
@@ -57,20 +58,37 @@ def load_config(path: str):
     return module.get_config(arg or None)
 
 
-def _kl_means(student_logits, teacher_logits, batch, *, temperature: float) -> dict[str, float]:
-    """Mean per-token full, tail-bucket and top-k KL of one cached batch."""
+def _kl_sums(student_logits, teacher_logits, batch, *, temperature: float) -> dict[str, float]:
+    """Per-token full, tail-bucket and top-k KL of one cached batch, summed."""
     full = jaxkd.kl_divergence(student_logits, teacher_logits, temperature=temperature)
-    means = {"full KL": float(jnp.mean(full))}
+    sums = {"full KL": float(jnp.sum(full))}
     if TOP_K_KEYS[0] in batch:
         teacher = SparseTeacher(*(jnp.asarray(batch[key]) for key in TOP_K_KEYS))
         for name, loss in (("tail-bucket KL", tail_bucket_kl), ("top-k KL", top_k_kl)):
-            means[name] = float(jnp.mean(loss(student_logits, teacher, temperature=temperature)))
+            sums[name] = float(jnp.sum(loss(student_logits, teacher, temperature=temperature)))
     else:  # the stored full logits, in the cache's dtype
         stored = jaxkd.kl_divergence(
             student_logits, jnp.asarray(batch[LOGITS_KEY]), temperature=temperature
         )
-        means["tail-bucket KL"] = float(jnp.mean(stored))
-    return means
+        sums["tail-bucket KL"] = float(jnp.sum(stored))
+    return sums
+
+
+def _kl_means(student, teacher, cache, inputs, *, temperature: float, batch_size: int):
+    """Mean per-token KLs over ``inputs`` ``[W, L]``, ``batch_size`` windows at a time.
+
+    The ``[W, L, V]`` logits of the whole set would not fit in memory at a
+    realistic vocabulary; each batch's are made, used and dropped.
+    """
+    totals: dict[str, float] = {}
+    for start in range(0, len(inputs), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(inputs)))
+        sums = _kl_sums(
+            student(inputs[rows]), teacher(inputs[rows]), cache.read(rows), temperature=temperature
+        )
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return {name: value / inputs.size for name, value in totals.items()}
 
 
 def measure(config, workdir: str, *, windows: int, dtype: str, ks=KS) -> list[dict]:
@@ -82,8 +100,15 @@ def measure(config, workdir: str, *, windows: int, dtype: str, ks=KS) -> list[di
     count = min(windows, len(experiment.data.train))
     subset = [experiment.data.train[i] for i in range(count)]
     inputs = loader.read(subset, np.arange(count), keys=("tokens",))["tokens"][:, :-1]
-    student_logits = jax.jit(student.apply)({"params": student_state.params}, inputs)
-    teacher_logits = jax.jit(teacher_apply)(teacher_variables, inputs)
+    student_apply = jax.jit(student.apply)
+    teacher_forward = jax.jit(teacher_apply)
+
+    def student_logits(tokens):
+        return student_apply({"params": student_state.params}, tokens)
+
+    def teacher_logits(tokens):
+        return teacher_forward(teacher_variables, tokens)
+
     temperature = float(config.kd.temperature)
     base = cache_teacher.lm_cache_spec(
         experiment.data.train,
@@ -115,8 +140,14 @@ def measure(config, workdir: str, *, windows: int, dtype: str, ks=KS) -> list[di
                 mesh=experiment.mesh,
                 progress=False,
             )
-            batch = cache.read(np.arange(count))
-            means = _kl_means(student_logits, teacher_logits, batch, temperature=temperature)
+            means = _kl_means(
+                student_logits,
+                teacher_logits,
+                cache,
+                inputs,
+                temperature=temperature,
+                batch_size=EVAL_WINDOWS,
+            )
             rows.append(
                 {
                     "k": "full" if k is None else k,

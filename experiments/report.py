@@ -34,6 +34,7 @@ RUN_TITLES = {
     "teacher": "teacher",
     "scratch": "student from scratch",
     "distilled": "distilled student",
+    "distilled_cached": "distilled student, cached teacher",
 }
 
 

@@ -3,7 +3,12 @@
 For every seed of the config, the runner trains (or, when its final checkpoint
 exists, loads) a teacher, then trains the same student twice with the same
 initialization, data order, steps and optimizer: once on the labels alone and
-once with the distillation objective against the frozen teacher. Every run is
+once with the distillation objective against the frozen teacher. The config's
+``student_runs`` may add ``distilled_cached``: the distilled student trained from
+the teacher's outputs cached once over the training split
+(:mod:`experiments.cache_teacher`, written when missing), with no teacher forward
+in the step; with the full float32 logits (``cache.k=0``, ``cache.dtype=float32``,
+the defaults) it trains exactly as ``distilled`` does. Every run is
 checkpointed with its data position and resumes exactly where it stopped; in a
 single-process run Ctrl-C stops it at the next step with a checkpoint
 (:mod:`experiments.interrupt`). A run records the config
@@ -26,6 +31,7 @@ Workdir layout::
     WORKDIR/seed_<s>/<run>/checkpoints/     Orbax checkpoints (state + Grain iterator state)
     WORKDIR/seed_<s>/<run>/metrics.jsonl    train and eval records
     WORKDIR/seed_<s>/<run>/result.json      final evaluation, size, FLOPs, times
+    WORKDIR/seed_<s>/teacher_cache/full/    the teacher's cached logits (distilled_cached)
     WORKDIR/results.md, results.json, training_curves.png
 """
 
@@ -43,13 +49,18 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxkd
-from experiments import data, jsonfiles, models, run_config
+from experiments import cache_teacher, data, jsonfiles, models, run_config
 from experiments.checkpointing import RunCheckpointer
 from experiments.checks import check_workdir, validate_config
+from experiments.data import loader as loaders
+from experiments.data.teacher_cache import DTYPES, CachedTeacherLoader, TeacherCache
+from experiments.errors import ExperimentError
 from experiments.interrupt import Interrupted, StopOnInterrupt
 from experiments.interrupt import message as interrupt_message
+from jaxkd.train._sparse_objective import SPARSE_LOSSES, sparse_distillation_objective
 
-RUNS = ("teacher", "scratch", "distilled")
+RUNS = ("teacher", "scratch", "distilled")  # the teacher and the default student_runs
+STUDENT_RUNS = ("scratch", "distilled", "distilled_cached")
 
 
 # Building blocks --------------------------------------------------------------
@@ -104,6 +115,53 @@ def _host(tree) -> dict[str, float]:
     return {key: float(value) for key, value in jax.device_get(tree).items()}
 
 
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """:func:`validate_config`, then ``student_runs`` and ``cache``; raises
+    ``ExperimentError`` naming the field."""
+    validate_config(config, num_devices)
+
+    def fail(message):
+        raise ExperimentError(f"Bad config: {message}")
+
+    kinds = tuple(config.student_runs)
+    if not kinds or len(set(kinds)) < len(kinds) or not set(kinds) <= set(STUDENT_RUNS):
+        fail(f"student_runs={kinds}; expected distinct runs among {STUDENT_RUNS}.")
+    cache = config.cache
+    num_classes = data.get_spec(config.dataset).num_classes
+    if not 0 <= int(cache.k) <= num_classes:
+        fail(f"cache.k={cache.k} must lie in [0, {num_classes}] (0: the full logits).")
+    if cache.dtype not in DTYPES:
+        fail(f"cache.dtype={cache.dtype!r}; expected one of {sorted(DTYPES)}.")
+    if int(cache.batch_size) < 0:
+        fail(f"cache.batch_size={cache.batch_size} must be >= 0 (0: batch_size).")
+    if cache.loss not in SPARSE_LOSSES:
+        fail(f"cache.loss={cache.loss!r}; expected one of {sorted(SPARSE_LOSSES)}.")
+
+
+def cached_objective(config: ml_collections.ConfigDict):
+    """The ``distilled_cached`` objective: the distilled one on the cached full logits,
+    or ``cache.loss`` (with distill's alpha and temperature) on a top-k cache."""
+    if not config.cache.k:
+        return distillation_objective(config)
+    return sparse_distillation_objective(
+        config.cache.loss,
+        alpha=config.distill.alpha,
+        temperature=config.distill.temperature,
+        cache_temperature=config.distill.temperature,
+        label_key="label",
+    )
+
+
+def distillation_objective(config: ml_collections.ConfigDict):
+    """The ``distilled`` objective of ``config.distill``."""
+    return jaxkd.distillation_objective(
+        config.distill.loss,
+        alpha=config.distill.alpha,
+        temperature=config.distill.temperature,
+        loss_kwargs=config.distill.loss_kwargs.to_dict(),
+    )
+
+
 class Experiment:
     """Data, mesh and settings shared by the runs of one config.
 
@@ -122,6 +180,7 @@ class Experiment:
         self.mesh = jaxkd.data_mesh()
         self.is_chief = jax.process_index() == 0
         self._eval_steps: dict[tuple, Callable] = {}
+        self._teacher = None  # (model, teacher_apply): one compiled eval step per student
         splits = {"train": self.spec.train_split, "test": self.spec.eval_split}
         loaded = {
             name: data.load_split(
@@ -157,11 +216,42 @@ class Experiment:
             kwargs["hidden_sizes"] = tuple(kwargs["hidden_sizes"])
         return models.get_model(self.config[role].model, self.spec.num_classes, **kwargs)
 
-    def loader(self, seed: int) -> data.TrainLoader:
-        """This process's training batches of run seed ``seed``: a Grain ``DatasetIterator``."""
-        return data.TrainLoader(
-            self.train_arrays, global_batch_size=self.config.batch_size, seed=seed
+    def loader(self, seed: int, teacher_cache: TeacherCache | None = None) -> data.TrainLoader:
+        """This process's training batches of run seed ``seed``: a Grain ``DatasetIterator``.
+
+        With ``teacher_cache`` (one record per training example), each example also
+        carries its record: a :class:`CachedTeacherLoader`.
+        """
+        if teacher_cache is None:
+            return data.TrainLoader(
+                self.train_arrays, global_batch_size=self.config.batch_size, seed=seed
+            )
+        teacher = teacher_cache.read(np.arange(len(teacher_cache)))
+        return CachedTeacherLoader(
+            self.train_arrays, teacher, global_batch_size=self.config.batch_size, seed=seed
         )
+
+    def train_inputs(self, indices: np.ndarray) -> np.ndarray:
+        """The model inputs float32 [K, ...] of training examples ``indices`` [K], as the
+        loader feeds them (what the teacher cache is computed from)."""
+        return loaders.gather(self.train_arrays, indices)["image"]
+
+    def teacher(self, seed: int) -> tuple[dict[str, Any], tuple[Callable, Any]]:
+        """``(result, (teacher_apply, teacher_variables))`` of seed ``seed``'s teacher:
+        trained, resumed or loaded (:meth:`run`)."""
+        if self._teacher is None:
+            model = self.model("teacher")
+            self._teacher = (model, jaxkd.linen_teacher_apply(model))
+        model, teacher_apply = self._teacher
+        result, state = self.run(
+            "teacher",
+            seed,
+            model,
+            jaxkd.cross_entropy_objective(),
+            steps=self.config.teacher.steps,
+            learning_rate=self.config.teacher.learning_rate,
+        )
+        return result, (teacher_apply, {"params": state.params, **state.model_state})
 
     def rundir(self, kind: str, seed: int) -> str:
         return os.path.join(self.workdir, f"seed_{seed}", kind)
@@ -170,8 +260,16 @@ class Experiment:
         self, kind: str, seed: int, config: ml_collections.ConfigDict | None = None
     ) -> dict[str, Any]:
         """The fields run ``kind`` of ``seed`` depends on (of ``config``, default the
-        experiment's); see :mod:`experiments.run_config`."""
-        return run_config.run_fields(config or self.config, kind, seed, self.data_sizes)
+        experiment's); see :mod:`experiments.run_config`. ``distilled_cached``:
+        ``distilled``'s and the cache's contents (and its loss, for top-k)."""
+        config = config or self.config
+        if kind != "distilled_cached":
+            return run_config.run_fields(config, kind, seed, self.data_sizes)
+        fields = run_config.run_fields(config, "distilled", seed, self.data_sizes)
+        fields.update({"cache.k": int(config.cache.k), "cache.dtype": config.cache.dtype})
+        if config.cache.k:
+            fields["cache.loss"] = config.cache.loss
+        return fields
 
     def check_runs(self, planned: dict[str, dict[str, Any]], *, overwrite: bool) -> None:
         """Refuses (or, with ``overwrite``, deletes) planned ``{rundir: fields}`` runs
@@ -186,7 +284,8 @@ class Experiment:
         """
         optimizer = make_optimizer(self.config, steps=steps, learning_rate=learning_rate)
         # Only the distilled student runs the teacher while training; the others
-        # see it in evaluation alone (agreement, KL).
+        # see it in evaluation alone (agreement, KL); distilled_cached reads it
+        # from the batch (teacher_apply=None).
         train_teacher = teacher_apply if kind == "distilled" else None
         step = jaxkd.make_train_step(
             jaxkd.linen_apply(model), train_teacher, objective, optimizer, axis_name="data"
@@ -230,11 +329,13 @@ class Experiment:
         teacher: tuple[Any, Any] | None = None,
         rundir: str | None = None,
         fields: dict[str, Any] | None = None,
+        teacher_cache: TeacherCache | None = None,
     ) -> tuple[dict[str, Any], jaxkd.TrainState]:
         """Trains one model to ``steps``, resuming from its last checkpoint.
 
         Args:
-          kind: ``"teacher"``, ``"scratch"`` or ``"distilled"`` (names the run directory).
+          kind: ``"teacher"``, ``"scratch"``, ``"distilled"`` or ``"distilled_cached"``
+            (names the run directory).
           seed: the seed of initialization, data order and dropout.
           model: a linen module from :mod:`experiments.models`.
           objective: a jaxkd objective.
@@ -243,6 +344,8 @@ class Experiment:
           teacher: ``(teacher_apply, teacher_variables)`` for distillation, or None.
           rundir: the run's directory; default ``WORKDIR/seed_<seed>/<kind>``.
           fields: the config fields the run depends on; default :meth:`run_fields`.
+          teacher_cache: for ``distilled_cached``, the teacher's outputs on the
+            training examples, read with them (``teacher`` is then evaluated only).
 
         Returns:
           ``(result, state)``: the final result record and TrainState.
@@ -279,7 +382,7 @@ class Experiment:
         eval_step = self.eval_step(model, teacher_apply)
 
         checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
-        loader = self.loader(seed)
+        loader = self.loader(seed, teacher_cache)
         elapsed = 0.0
         restored = checkpointer.restore(state, loader)
         if restored is not None:
@@ -341,6 +444,12 @@ class Experiment:
                     progress.update(1)
                 result = self._result(kind, seed, steps, apply, state, teacher_variables, eval_step)
                 result.update(compile_time_s=compile_time, train_time_s=elapsed)
+                if teacher_cache is not None:
+                    result.update(
+                        cache_k=teacher_cache.spec.k,
+                        cache_dtype=teacher_cache.spec.dtype,
+                        cache_bytes_per_example=teacher_cache.bytes_per_record,
+                    )
                 if self.is_chief:
                     jsonfiles.write(result_path, result)
                 if stop.requested:  # during the final evaluation: the run is complete
@@ -381,14 +490,15 @@ class Experiment:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
 ) -> list[dict[str, Any]]:
-    """Runs teacher, scratch and distilled student for every seed; writes the report.
+    """Runs the teacher and the students of ``student_runs`` for every seed; writes the report.
 
     Args:
       config: the experiment config.
       workdir: the output directory; its finished runs are reused, unfinished
         ones resumed.
       overwrite: delete and train again the workdir's runs that were made with
-        other values of the fields they depend on, instead of refusing.
+        other values of the fields they depend on, and rebuild teacher caches
+        made for another teacher or setting, instead of refusing.
 
     Returns:
       One result record per (seed, run).
@@ -400,54 +510,48 @@ def train_and_evaluate(
     """
     from experiments import report
 
-    validate_config(config, jax.device_count())
+    validate(config, jax.device_count())
     check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     experiment = Experiment(config, workdir)
     seeds = _as_ints(config.seeds)
+    kinds = tuple(config.student_runs)
     experiment.check_runs(
         {
             experiment.rundir(kind, seed): experiment.run_fields(kind, seed)
             for seed in seeds
-            for kind in RUNS
+            for kind in ("teacher", *kinds)
         },
         overwrite=overwrite,
     )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    supervised = jaxkd.cross_entropy_objective()
-    distill = jaxkd.distillation_objective(
-        config.distill.loss,
-        alpha=config.distill.alpha,
-        temperature=config.distill.temperature,
-        loss_kwargs=config.distill.loss_kwargs.to_dict(),
-    )
-    teacher_model = experiment.model("teacher")
-    teacher_apply = jaxkd.linen_teacher_apply(teacher_model)
+    objectives = {
+        "scratch": jaxkd.cross_entropy_objective(),
+        "distilled": distillation_objective(config),
+        "distilled_cached": cached_objective(config),
+    }
     student_model = experiment.model("student")
     results = []
     for seed in seeds:
-        teacher_result, teacher_state = experiment.run(
-            "teacher",
-            seed,
-            teacher_model,
-            supervised,
-            steps=config.teacher.steps,
-            learning_rate=config.teacher.learning_rate,
-        )
-        teacher_variables = {"params": teacher_state.params, **teacher_state.model_state}
-        teacher = (teacher_apply, teacher_variables)
+        teacher_result, teacher = experiment.teacher(seed)
         results.append(teacher_result)
-        for kind, objective in (("scratch", supervised), ("distilled", distill)):
+        for kind in kinds:
+            cache = None
+            if kind == "distilled_cached":
+                cache = cache_teacher.classification_cache(
+                    experiment, seed, teacher, overwrite=overwrite
+                )
             result, _ = experiment.run(
                 kind,
                 seed,
                 student_model,
-                objective,
+                objectives[kind],
                 steps=config.steps,
                 learning_rate=config.learning_rate,
                 teacher=teacher,
+                teacher_cache=cache,
             )
             results.append(result)
     if jax.process_index() == 0:

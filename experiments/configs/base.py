@@ -45,7 +45,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distill.temperature = 4.0
     config.distill.loss_kwargs = ml_collections.ConfigDict()
 
-    # Seeds: one teacher and two students per seed; mean +- std over seeds.
+    # Cached teacher (experiments/cache_teacher.py): the teacher's outputs on every
+    # training example, written once under WORKDIR/seed_<s>/teacher_cache/ (full/, or
+    # k<k>/), for the distilled_cached student, which runs no teacher forward. Full
+    # float32 logits (k=0) train exactly as the online teacher does; k > 0 keeps the
+    # top-k log-probs at distill.temperature and trains with cache.loss.
+    config.cache = ml_collections.ConfigDict()
+    config.cache.k = 0  # 0: the full logits (few classes)
+    config.cache.dtype = "float32"  # float32 | bfloat16 | float16
+    # Examples per teacher forward while caching; 0: batch_size, the online teacher's
+    # batch shape, so that the cached logits equal its logits bit for bit (a matmul's
+    # rounding may depend on its batch size).
+    config.cache.batch_size = 0
+    config.cache.loss = "tail_kl"  # tail_kl | top_k_kl (k > 0 only)
+
+    # Seeds: one teacher and the students of student_runs per seed; mean +- std over
+    # seeds. Add "distilled_cached" (the distilled student, from the cached teacher):
+    # --config.student_runs="('scratch', 'distilled', 'distilled_cached')".
+    config.student_runs = ("scratch", "distilled")
     config.seeds = (0, 1, 2)
 
     # Evaluation, logging and checkpoints (steps; 0 disables checkpoints).

@@ -2,17 +2,23 @@
 
 The corpus is the running interpreter's standard library (``python_stdlib_source``:
 split by file into train / validation / test), tokenized by a byte-level BPE of
-8,192 tokens trained locally on the train split. Five runs share data, steps and
+8,192 tokens trained locally on the train split. The runs share data, steps and
 optimizer: the teacher; and, for each seed, a student from scratch (next-token
 cross-entropy), a student with token-level KD (``kd``: a divergence to the
-teacher's next-token distribution mixed with the cross-entropy), the same from
-the teacher's cached top-k outputs (``kd_cached``: no teacher forward in the step;
-see ``cache``), and a student with on-policy GKD (``gkd``: with probability
-``lmbda`` a batch's continuations are sampled from the current student and scored
-by the teacher).
+teacher's next-token distribution mixed with the cross-entropy) and a student
+with on-policy GKD (``gkd``: with probability ``lmbda`` a batch's continuations
+are sampled from the current student and scored by the teacher).
 
     .venv/bin/python -m experiments.distill_lm --config=experiments/configs/lm_stdlib.py \\
         --workdir=/tmp/jaxkd-runs/lm
+
+``cached`` adds ``kd_cached``: ``kd`` from the teacher's cached top-k outputs (no
+teacher forward in the step; see ``cache``), after caching the teacher once over
+every training window (minutes; :mod:`experiments.cache_teacher` does it alone).
+Rerun on the same workdir, it reuses the other runs::
+
+    .venv/bin/python -m experiments.distill_lm \\
+        --config=experiments/configs/lm_stdlib.py:cached --workdir=/tmp/jaxkd-runs/lm
 
 ``quick`` shrinks everything (a 0.8 MB corpus subset, a 512-token vocabulary,
 tiny models, a few steps, no ``kd_cached``) for a smoke test in well under a minute.
@@ -98,8 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample_prompts = 32
     config.sampling_temperature = 1.0
 
-    # The students of each seed, all from one initialization (kd_cached: see cache).
-    config.student_runs = ("scratch", "kd", "kd_cached", "gkd")
+    # The students of each seed, all from one initialization (":cached" adds kd_cached).
+    config.student_runs = ("scratch", "kd", "gkd")
     config.seeds = (0, 1)
     config.eval_batch_size = 32
     config.eval_every = 75
@@ -122,11 +128,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_every=6,
         log_every=4,
         checkpoint_every=6,
-        # kd_cached caches the teacher over every window first; add it with
-        # --config.student_runs="('scratch', 'kd', 'kd_cached', 'gkd')".
-        student_runs=("scratch", "kd", "gkd"),
     )
     quick_teacher = dict(steps=20, learning_rate=3e-3, seed=0)
+    if arg == "cached":
+        config.student_runs = ("scratch", "kd", "kd_cached", "gkd")
+        return config
     config = finish(config, arg, **quick)
     if arg == "quick":
         config.teacher.update(quick_teacher)

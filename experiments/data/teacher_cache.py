@@ -1,8 +1,9 @@
-"""A teacher's outputs on a dataset of fixed-length windows, cached on disk.
+"""A teacher's outputs on a training set, cached on disk: per token or per example.
 
 When the teacher's forward pass dominates a distillation step, its outputs can
 be computed once and read back with the data. A cache holds, for record ``i``
-(the teacher's outputs on window ``i`` of the training set), per token, either
+(the teacher's outputs on example ``i`` of the training set: a window of ``L``
+tokens for a language model, one input for a classifier), either
 
 * the top-``k`` sparse teacher: ``teacher_top_k_log_probs`` [L, k] (log-probs at
   the cache's temperature, stored as float16, bfloat16 or float32),
@@ -10,6 +11,11 @@ be computed once and read back with the data. A cache holds, for record ``i``
   65,536 ids, else int32) and ``teacher_top_k_log_tail`` [L] (float32: the log
   of the probability mass outside the top k); or
 * the full logits ``teacher_logits`` [L, V] (``k=None``), in the stored dtype.
+
+A classifier's record has no token axis (``seq_len=None``): [k], [k] and [] for
+the top-k teacher, or [V] logits, V being the number of classes. With few
+classes the full float32 logits are the natural choice: the student then reads
+exactly what an online teacher would give it.
 
 Layout of a cache directory::
 
@@ -19,12 +25,23 @@ Layout of a cache directory::
 Each record has a fixed byte layout: the fields above in that order, each its
 little-endian C-order bytes (``manifest["layout"]`` lists key, dtype and shape).
 The manifest records the format version, the fingerprints of the teacher
-(:func:`params_fingerprint`), the dataset (e.g. :func:`packed_windows_fingerprint`)
-and the tokenizer, the vocabulary size, ``k``, dtype, temperature, ``seq_len``
-(L), the number of records, each shard's records and bytes, and the bytes per
-token measured from the shard files. ``augmentation_seed`` is the seed of the
-augmentation the teacher saw (None without augmentation): a student reading the
-cache must see the same view of each example.
+(:func:`params_fingerprint`), the dataset (e.g. :func:`packed_windows_fingerprint`
+or :func:`arrays_fingerprint`) and the tokenizer (None for a classifier), the
+vocabulary size (classes), ``k``, dtype, temperature, ``seq_len`` (L, or None),
+the number of records, each shard's records and bytes, and the bytes per record
+and per token measured from the shard files.
+
+``augmentation_seed`` is the seed of the augmentation the teacher saw (None
+without augmentation). A cache holds the teacher's outputs on one view of each
+example; a student reading it must see that same view, so a pipeline with random
+augmentation must draw example ``i``'s view from this seed (and ``i``) both when
+the cache is written and when the student trains, and record the seed here, where
+a reader with another seed is refused. Token windows and the classification
+datasets of :mod:`experiments.data` are not augmented: their caches record None.
+
+A training pipeline reads record ``i`` with example ``i``: :class:`WithTeacherCache`
+wraps a random-access source (token windows), :class:`CachedTeacherLoader` is the
+classification ``TrainLoader`` with the records of in-memory examples.
 
 Writing is atomic and resumable (:class:`TeacherCacheWriter`): shards are written
 under ``<path>.partial`` and the directory is renamed to ``<path>`` once every
@@ -45,12 +62,14 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import grain
 import jax
 import ml_dtypes
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from experiments import jsonfiles
+from experiments.data import loader
 from experiments.errors import ExperimentError
 
 FORMAT = "jaxkd-teacher-cache"
@@ -98,6 +117,20 @@ def packed_windows_fingerprint(windows) -> str:
     return digest.hexdigest()
 
 
+def arrays_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 hex digest of in-memory examples ``{key: [N, ...]}``, in their order.
+
+    Every array's key, dtype, shape and bytes: equal for the same examples in the
+    same order, and different for another dataset, split, subset or order.
+    """
+    digest = hashlib.sha256(b"arrays/v1\n")
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}\t{array.dtype.str}\t{list(array.shape)}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One array of a record: batch key, stored dtype name and per-record shape."""
@@ -126,14 +159,15 @@ class CacheSpec:
 
     Attributes:
       teacher_fingerprint: :func:`params_fingerprint` of the teacher's params.
-      dataset_fingerprint: names the windows, e.g. :func:`packed_windows_fingerprint`.
+      dataset_fingerprint: names the examples and their order, e.g.
+        :func:`packed_windows_fingerprint` or :func:`arrays_fingerprint`.
       tokenizer_fingerprint: the tokenizer's ``fingerprint`` (None without one).
-      vocab_size: V, the teacher's output size.
+      vocab_size: V, the teacher's output size (the number of classes of a classifier).
       k: entries kept per token, in ``[1, V]``; None for the full logits.
       dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: top-k log-probs or logits.
       temperature: of the top-k log-probs (> 0); None for full logits (stored raw).
-      seq_len: L, tokens per record.
-      num_records: N, one per window: record ``i`` is window ``i``.
+      seq_len: L, tokens per record; None for one output per record (a classifier).
+      num_records: N, one per example: record ``i`` is example (window) ``i``.
       augmentation_seed: seed of the augmentation the teacher saw, or None.
     """
 
@@ -144,7 +178,7 @@ class CacheSpec:
     k: int | None
     dtype: str
     temperature: float | None
-    seq_len: int
+    seq_len: int | None
     num_records: int
     augmentation_seed: int | None = None
 
@@ -154,7 +188,8 @@ class CacheSpec:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
         for name in ("vocab_size", "seq_len", "num_records"):
-            positive_int(name, getattr(self, name))
+            if name != "seq_len" or self.seq_len is not None:
+                positive_int(name, getattr(self, name))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.k is None:
@@ -178,7 +213,7 @@ class CacheSpec:
     @property
     def layout(self) -> tuple[Field, ...]:
         """The fields of a record, in byte order."""
-        length = (self.seq_len,)
+        length = () if self.seq_len is None else (self.seq_len,)
         if self.k is None:
             return (Field(LOGITS_KEY, self.dtype, length + (self.vocab_size,)),)
         top_k = length + (self.k,)
@@ -357,7 +392,12 @@ class TeacherCacheWriter:
             "writer_options": WRITER_OPTIONS,
             "shards": shards,
             "bytes": total,
-            "bytes_per_token": total / (self.spec.num_records * self.spec.seq_len),
+            "bytes_per_record": total / self.spec.num_records,
+            "bytes_per_token": (
+                None
+                if self.spec.seq_len is None
+                else total / (self.spec.num_records * self.spec.seq_len)
+            ),
         }
         os.remove(os.path.join(self.partial, _SPEC_FILE))
         jsonfiles.write(os.path.join(self.partial, MANIFEST), manifest)
@@ -384,7 +424,10 @@ def _mismatches(manifest: Mapping[str, Any], expect: Mapping[str, Any]) -> list[
     for name, wanted in expect.items():
         have = manifest.get(name)
         if jsonfiles.strict(wanted) != have:
-            lines.append(f"  {name}: the cache has {have!r}, expected {wanted!r}")
+            line = f"  {name}: the cache has {have!r}, expected {wanted!r}"
+            if name == "vocab_size" and "seq_len" in manifest and manifest["seq_len"] is None:
+                line += " (the number of classes)"
+            lines.append(line)
     return lines
 
 
@@ -457,9 +500,16 @@ class TeacherCache:
         return tuple(field.key for field in self.spec.layout)
 
     @property
-    def bytes_per_token(self) -> float:
-        """Shard bytes on disk per cached token (``num_records * seq_len`` tokens)."""
-        return float(self.manifest["bytes_per_token"])
+    def bytes_per_token(self) -> float | None:
+        """Shard bytes on disk per cached token (``num_records * seq_len`` tokens);
+        None for a cache without a token axis (``seq_len=None``)."""
+        value = self.manifest["bytes_per_token"]
+        return None if value is None else float(value)
+
+    @property
+    def bytes_per_record(self) -> float:
+        """Shard bytes on disk per record (per example, or per window)."""
+        return self.manifest["bytes"] / self.spec.num_records
 
     @property
     def augmentation_seed(self) -> int | None:
@@ -476,12 +526,13 @@ class TeacherCache:
         return readers[shard]
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The records of windows ``indices`` [B], as a batch.
+        """The records of examples (windows) ``indices`` [B], as a batch.
 
         Returns:
           ``teacher_top_k_log_probs`` float32 [B, L, k], ``teacher_top_k_indices``
           int32 [B, L, k] and ``teacher_top_k_log_tail`` float32 [B, L]; or
-          ``teacher_logits`` float32 [B, L, V] for a full-logits cache.
+          ``teacher_logits`` float32 [B, L, V] for a full-logits cache. Without a
+          token axis (``seq_len=None``): [B, k], [B, k], [B] or [B, V].
 
         Raises:
           ValueError: ``indices`` is not a 1-D integer array.
@@ -526,10 +577,14 @@ class TeacherCache:
     def __repr__(self) -> str:
         spec = self.spec
         what = "full logits" if spec.k is None else f"top-{spec.k}"
-        return (
-            f"TeacherCache({self.path!r}, {what} {spec.dtype}, {spec.num_records} records of "
-            f"{spec.seq_len} tokens, {self.bytes_per_token:.1f} bytes/token)"
-        )
+        if spec.seq_len is None:
+            size = f"{spec.num_records} examples, {self.bytes_per_record:.1f} bytes/example"
+        else:
+            size = (
+                f"{spec.num_records} records of {spec.seq_len} tokens, "
+                f"{self.bytes_per_token:.1f} bytes/token"
+            )
+        return f"TeacherCache({self.path!r}, {what} {spec.dtype}, {size})"
 
 
 class WithTeacherCache:
@@ -573,3 +628,49 @@ class WithTeacherCache:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.__getitems__([index])[0]
+
+
+class CachedTeacherLoader(loader.TrainLoader):
+    """:class:`loader.TrainLoader`'s batches with each example's cached teacher outputs.
+
+    Batch ``k`` holds the examples the ``TrainLoader`` of the same arrays, batch
+    size and seed yields at step ``k``, in the same order, plus ``teacher[key][i]``
+    for example ``i``: ``teacher_logits`` float32 [B_local, C] for a full-logits
+    cache (``teacher_top_k_*`` for a top-k one). The teacher's records are read
+    into memory once, like the examples; resuming and checkpoints work as for
+    ``TrainLoader``.
+
+    Args:
+      arrays: the training examples ``{"image": [N, ...], "label": [N]}``.
+      teacher: the cache's records of every example, ``{key: [N, ...]}``
+        (``TeacherCache.read(np.arange(N))``).
+      global_batch_size: batch size summed over all processes.
+      seed: non-negative integer; with the epoch it fixes the order.
+    """
+
+    def __init__(self, arrays, teacher, *, global_batch_size: int, seed: int):
+        sizes = {key: len(value) for key, value in {**arrays, **teacher}.items()}
+        clash = sorted(set(arrays) & set(teacher))
+        if len(set(sizes.values())) != 1 or clash:
+            raise ValueError(
+                f"The teacher's records must be one per example, under new keys: sizes "
+                f"{sizes}, keys in both {clash}."
+            )
+        to_batch = loader.ClassificationBatch()
+
+        def with_teacher(batch):
+            return {**to_batch(batch), **{key: batch[key] for key in teacher}}
+
+        self._indices = loader.GlobalBatchIndices(
+            sizes["label"], global_batch_size=global_batch_size, seed=seed
+        )
+        # TrainLoader's pipeline over the examples and the teacher's records together.
+        self.dataset = loader.train_dataset(
+            {**arrays, **teacher},
+            global_batch_size=global_batch_size,
+            seed=seed,
+            keys=(*to_batch.keys, *teacher),
+            transform=with_teacher,
+        )
+        iterable = self.dataset.to_iter_dataset(loader.IN_MEMORY_READ_OPTIONS)
+        grain.DatasetIterator.__init__(self, iter(iterable))
