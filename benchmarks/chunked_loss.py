@@ -89,7 +89,7 @@ def measure(tokens: int, hidden: int, vocab: int, config: Config) -> list[Result
     ]
     measured = interleave(
         {"naive": repeat(naive, *args), "chunked": repeat(chunked, *args)},
-        rounds=config.reps(5),
+        rounds=config.reps(3),
         min_round_seconds=config.round_seconds(0.5),
         warmup=1,
     )
