@@ -27,6 +27,7 @@ from jaxkd.train._objectives import (
     _KdTerm,
     _positive,
     _scheduled,
+    kd_metrics,
     value_at,
 )
 
@@ -182,17 +183,8 @@ def chunked_distillation_objective(
             stacked = jax.lax.psum(stacked, axis_name)
         means = stacked[:-1] / jnp.maximum(stacked[-1], 1.0)
         means = dict(zip(names, means, strict=True))
-        total = means.pop("loss")
-        metrics = {
-            "loss": total,
-            "kd_loss": means.pop("kd"),
-            "ce_loss": means.pop("ce"),
-            "alpha": alpha_now,
-            "temperature": temperature_now,
-            **means,
-        }
-        for name in kd_term.scheduled:
-            metrics[name] = jnp.asarray(value_at(kd_term.kwargs[name], step), jnp.float32)
+        total, kd, ce = means.pop("loss"), means.pop("kd"), means.pop("ce")
+        metrics = kd_metrics(total, kd, ce, alpha_now, temperature_now, kd_term, step, **means)
         return total, metrics
 
     return objective

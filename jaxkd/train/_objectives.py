@@ -68,8 +68,9 @@ LOSSES: dict[str, Callable] = {
     "dkd": dkd_loss,
     "dist": dist_loss,
 }
-# Arguments the objective sets itself; a loss's own options go in `loss_kwargs`.
-_SET_BY_OBJECTIVE = ("labels", "temperature", "where", "axis", "axis_name")
+# Arguments the objective sets itself (or, for vocab_axis_name, that have no place in a
+# data-parallel objective); a loss's own options go in `loss_kwargs`.
+_SET_BY_OBJECTIVE = ("labels", "temperature", "where", "axis", "axis_name", "vocab_axis_name")
 
 
 def accepts_keyword(fn: Callable, name: str) -> bool:
@@ -237,6 +238,23 @@ class _KdTerm:
         return self.fn(*args, **kwargs)
 
 
+def kd_metrics(
+    total, kd, ce, alpha, temperature, kd_term: _KdTerm | None = None, step=None, **extra
+) -> dict[str, jax.Array]:
+    """The metrics every distillation objective reports, and each scheduled loss option."""
+    metrics = {
+        "loss": total,
+        "kd_loss": kd,
+        "ce_loss": ce,
+        "alpha": alpha,
+        "temperature": temperature,
+        **extra,
+    }
+    for name in () if kd_term is None else kd_term.scheduled:
+        metrics[name] = jnp.asarray(value_at(kd_term.kwargs[name], step), jnp.float32)
+    return metrics
+
+
 def distillation_objective(
     loss: str | Callable = "kl",
     *,
@@ -328,16 +346,7 @@ def distillation_objective(
         kd = means.get("kd", kd)
         ce = means.get("ce", jnp.zeros((), kd.dtype))
         total = alpha_now * kd + (1.0 - alpha_now) * ce
-        metrics = {
-            "loss": total,
-            "kd_loss": kd,
-            "ce_loss": ce,
-            "alpha": alpha_now,
-            "temperature": temperature_now,
-        }
-        for name in kd_term.scheduled:
-            metrics[name] = jnp.asarray(value_at(kd_term.kwargs[name], step), jnp.float32)
-        return total, metrics
+        return total, kd_metrics(total, kd, ce, alpha_now, temperature_now, kd_term, step)
 
     return objective
 

@@ -25,6 +25,7 @@ from jaxkd.train._objectives import (
     _is_real_scalar,
     _scheduled,
     example_mask,
+    kd_metrics,
     logits_of,
     value_at,
 )
@@ -142,14 +143,8 @@ def sparse_distillation_objective(
         kd = means["kd"]
         ce = means.get("ce", jnp.zeros((), kd.dtype))
         total = alpha_now * kd + (1.0 - alpha_now) * ce
-        metrics = {
-            "loss": total,
-            "kd_loss": kd,
-            "ce_loss": ce,
-            "alpha": alpha_now,
-            "temperature": value_at(temperature, step),
-            "agreement": jax.lax.stop_gradient(means["agreement"]),
-        }
-        return total, metrics
+        agreement = jax.lax.stop_gradient(means["agreement"])
+        temperature_now = value_at(temperature, step)
+        return total, kd_metrics(total, kd, ce, alpha_now, temperature_now, agreement=agreement)
 
     return objective
