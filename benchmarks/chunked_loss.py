@@ -13,6 +13,12 @@ gradients in its forward pass. At d=512 and V=65,536:
 - time of one loss + gradient call (compiled ahead of time, interleaved rounds):
   chunked / naive, target <= 1.0 at N=8,192 and <= 1.25 at N=1,024.
 
+On a GPU, also Liger-Kernel's own shape (N=8,192, d=4,096, V=128,256, bfloat16
+inputs): the same two rows, and the chunked loss + gradient's peak memory (arguments
++ outputs + temporaries of the compiled program) against the 8.7 GB that Liger's
+authors report for their fused linear JSD at that shape on an H100 (target <= 1).
+Without a GPU that row says ``skipped: no GPU``.
+
     python -m benchmarks.chunked_loss [--smoke] [--json PATH]
 """
 
@@ -23,7 +29,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks._report import Config, Result, Target, main
+from benchmarks._report import Config, Result, Target, main, skipped
 from benchmarks._timing import interleave, memory_stats, repeat
 from jaxkd.losses._chunked import chunked_distillation_loss, resolve_chunk_size
 
@@ -31,6 +37,8 @@ NAME = "chunked_loss"
 MEMORY_TARGET = Target("<=", 1 / 8)
 TIME_TARGETS = {8192: Target("<=", 1.0), 1024: Target("<=", 1.25)}
 HIDDEN, VOCAB = 512, 65536
+LIGER_SHAPE = (8192, 4096, 128256)  # N, d, V of Liger-Kernel's fused linear JSD figure
+LIGER_PEAK_BYTES = 8.7e9  # its reported peak memory at that shape (H100, bf16)
 
 
 def problem(tokens: int, hidden: int, vocab: int, dtype=jnp.float32):
@@ -64,14 +72,14 @@ def compiled_loss_and_grad(args, chunk_size):
     return fn.lower(*args).compile()
 
 
-def measure(tokens: int, hidden: int, vocab: int, config: Config) -> list[Result]:
-    """The memory and time rows at one size."""
-    args = problem(tokens, hidden, vocab)
+def measure(tokens: int, hidden: int, vocab: int, config: Config, dtype=jnp.float32):
+    """The memory and time rows at one size (and Liger's peak-memory row in bfloat16)."""
+    args = problem(tokens, hidden, vocab, dtype)
     chunk = resolve_chunk_size("auto", vocab)
     naive = compiled_loss_and_grad(args, None)
     chunked = compiled_loss_and_grad(args, "auto")
     memory = {"naive": memory_stats(naive), "chunked": memory_stats(chunked)}
-    size = f"N={tokens}, d={hidden}, V={vocab}"
+    size = f"N={tokens}, d={hidden}, V={vocab}" + ("" if dtype == jnp.float32 else ", bf16")
     rows = [
         Result(
             benchmark=NAME,
@@ -102,14 +110,32 @@ def measure(tokens: int, hidden: int, vocab: int, config: Config) -> list[Result
             times=measured.medians(),
         )
     )
+    if dtype != jnp.float32:
+        peak = memory["chunked"]["peak_bytes"]
+        rows.append(
+            Result(
+                benchmark=NAME,
+                figure=f"{size}: chunked peak memory / Liger's 8.7 GB",
+                ratio=peak / LIGER_PEAK_BYTES,
+                target=Target("<=", 1.0),
+                times={"chunked peak": peak, "naive peak": memory["naive"]["peak_bytes"]},
+                units={"chunked peak": "B", "naive peak": "B"},
+                note=f"device: {jax.devices()[0].device_kind}",
+            )
+        )
     return rows
 
 
 def run(config: Config) -> list[Result]:
-    """Two sizes, N=8,192 and N=1,024 (tiny ones in a smoke run)."""
+    """Two sizes, N=8,192 and N=1,024 (tiny ones in a smoke run); Liger's shape on a GPU."""
     if config.smoke:
-        return measure(256, 16, VOCAB, config)
-    return [row for tokens in (8192, 1024) for row in measure(tokens, HIDDEN, VOCAB, config)]
+        rows = measure(256, 16, VOCAB, config)
+    else:
+        rows = [row for tokens in (8192, 1024) for row in measure(tokens, HIDDEN, VOCAB, config)]
+    if jax.devices()[0].platform != "gpu":
+        figure = "N=8192, d=4096, V=128256, bf16: chunked peak memory / Liger's 8.7 GB"
+        return [*rows, skipped(NAME, figure, "skipped: no GPU")]
+    return [*rows, *measure(*LIGER_SHAPE, config, dtype=jnp.bfloat16)]
 
 
 if __name__ == "__main__":
