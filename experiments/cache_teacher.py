@@ -63,6 +63,7 @@ from experiments.data.teacher_cache import (
     params_fingerprint,
 )
 from experiments.errors import ExperimentError, run_command
+from experiments.run_config import StaleRunError
 from jaxkd.losses._sparse_teacher import top_k_teacher
 
 
@@ -450,12 +451,24 @@ def cache_teacher(
     one per seed for a classifier (:func:`load_classification_teachers`,
     :func:`classification_cache`).
     """
-    if is_lm_config(config):
-        experiment, teacher_variables = load_teacher(config, workdir, train_teacher=train_teacher)
-        return [experiment_cache(experiment, teacher_variables, overwrite=overwrite)]
-    experiment, teachers = load_classification_teachers(
-        config, workdir, train_teacher=train_teacher
-    )
+    runner = "distill_lm" if is_lm_config(config) else "distill"
+    try:
+        if is_lm_config(config):
+            experiment, teacher_variables = load_teacher(
+                config, workdir, train_teacher=train_teacher
+            )
+            return [experiment_cache(experiment, teacher_variables, overwrite=overwrite)]
+        experiment, teachers = load_classification_teachers(
+            config, workdir, train_teacher=train_teacher
+        )
+    except StaleRunError as error:  # the teacher's run, not a cache: the runner retrains it
+        message = str(error).split("\nRerun with --overwrite")[0]
+        raise StaleRunError(
+            f"{message}\nThe teacher was trained with other config fields. Retrain it with\n"
+            f"  python -m experiments.{runner} --config=CONFIG --workdir={workdir} --overwrite\n"
+            "(with the same overrides), or use another --workdir; --overwrite here rebuilds "
+            "caches only."
+        ) from None
     return [
         classification_cache(experiment, seed, teacher, overwrite=overwrite)
         for seed, teacher in teachers.items()

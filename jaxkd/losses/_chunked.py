@@ -419,7 +419,7 @@ def chunked_distillation_loss(
 
     For every real token :math:`n` (``where[n]`` True), with student logits
     :math:`z_s = c \tanh(s (h W + b) / c)` (scale ``s`` and soft-cap ``c`` optional,
-    see :func:`jaxkd.losses._projection.output_logits`) and teacher logits given or
+    see :func:`jaxkd.output_logits`) and teacher logits given or
     computed the same way from the teacher's hidden states and projection:
 
     .. math::
@@ -473,7 +473,7 @@ def chunked_distillation_loss(
         neither the sums nor any gradient, whatever their hidden states (even NaN)
         or labels. A kept token's out-of-range label raises when the labels are
         concrete, and makes the loss and its gradients NaN under ``jit``.
-      chunk_size: tokens per chunk (the last chunk holds the remainder); ``"auto"``:
+      chunk_size: the most tokens per chunk (see :func:`chunk_layout`); ``"auto"``:
         the power of two that makes a chunk's logits about ``2**22`` floats (16 MiB
         in float32; 64 tokens of a 65,536 vocabulary), at least 16 tokens.
       with_metrics: also sum the entropies (``T = 1``) and the top-1 agreement.
@@ -501,6 +501,11 @@ def chunked_distillation_loss(
         raise ValueError(
             "Give the teacher either as `teacher_logits` [N, V] or as `teacher_hidden` "
             "[N, d_t] with `teacher_kernel` [d_t, V], not both and not neither."
+        )
+    if teacher_logits is not None and (teacher_hidden is not None or teacher_bias is not None):
+        raise ValueError(
+            "With `teacher_logits`, `teacher_hidden` and `teacher_bias` have no use: give "
+            "the teacher as logits or as hidden states + kernel (+ bias)."
         )
     if teacher_logits is not None:
         _check_rows("teacher_logits", teacher_logits, num_tokens, 2, _checks.check_floating)

@@ -101,9 +101,8 @@ def top_k_teacher(
       ``log_tail = -inf``. Ties between equal logits go to the lower index.
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> from jaxkd.losses._sparse_teacher import top_k_teacher
-      >>> sparse = top_k_teacher(jnp.log(jnp.array([0.1, 0.6, 0.3])), 2)
+      >>> import jax.numpy as jnp, jaxkd
+      >>> sparse = jaxkd.top_k_teacher(jnp.log(jnp.array([0.1, 0.6, 0.3])), 2)
       >>> jnp.exp(sparse.log_probs).round(3), sparse.indices, jnp.exp(sparse.log_tail).round(3)
       (Array([0.6, 0.3], dtype=float32), Array([1, 2], dtype=int32), Array(0.1, dtype=float32))
     """
@@ -162,7 +161,9 @@ def tail_bucket_kl(
 
     Returns:
       float32 array ``[...]``. A kept token with an index outside ``[0, V)`` raises
-      when the inputs are concrete and gives NaN under ``jit``.
+      when the inputs are concrete and gives NaN under ``jit``; repeated indices
+      within a token raise when concrete and are not detected under ``jit`` (the
+      value is then wrong: build the teacher with :func:`top_k_teacher`).
 
     References:
       Anshumann, Zaidi, Kedia, Ahn, Kwon, Lee, Lee and Lee, "Sparse Logit Sampling:
@@ -217,7 +218,9 @@ def top_k_kl(student_logits, teacher: SparseTeacher, *, temperature=1.0, where=N
 
     Returns:
       float32 array ``[...]``. A kept token with an index outside ``[0, V)`` raises
-      when the inputs are concrete and gives NaN under ``jit``.
+      when the inputs are concrete and gives NaN under ``jit``; repeated indices
+      within a token raise when concrete and are not detected under ``jit`` (the
+      value is then wrong: build the teacher with :func:`top_k_teacher`).
 
     References:
       Anshumann, Zaidi, Kedia, Ahn, Kwon, Lee, Lee and Lee, "Sparse Logit Sampling:

@@ -3,7 +3,7 @@
 Inside ``jax.shard_map`` over a mesh with a ``model`` axis of size ``m``, each
 device holds a vocabulary shard ``[N, V/m]`` of the student's and of the teacher's
 logits (e.g. ``output_logits(hidden, kernel_shard)`` with a ``[d, V/m]`` shard of
-the output projection, :func:`jaxkd.losses._projection.output_logits`). The
+the output projection, :func:`jaxkd.output_logits`). The
 functions here compute the same per-token values as the full-vocabulary losses
 (:func:`jaxkd.kl_divergence`, :func:`jaxkd.generalized_jsd`, ...,
 :func:`jaxkd.cross_entropy_with_integer_labels`) without gathering the logits: the

@@ -28,9 +28,13 @@ for the teacher and the state, and its own rows of the batch
     rules = (("vocab", "model"), ("mlp", "model"), ("embed", None))
     teacher_shardings = logical_shardings(teacher_variables, mesh, rules)
     teacher = place_teacher(teacher_variables, teacher_shardings, dtype=jnp.bfloat16)
-    state = place_sharded(state, NamedSharding(mesh, P()))  # or auto_shardings(state, mesh)
+    state_shardings = NamedSharding(mesh, P())  # or auto_shardings(state, mesh)
+    state = place_sharded(state, state_shardings)
     step = jit_sharded_step(
-        jaxkd.make_train_step(..., axis_name=None), mesh, teacher_shardings=teacher_shardings
+        jaxkd.make_train_step(..., axis_name=None),
+        mesh,
+        teacher_shardings=teacher_shardings,
+        state_shardings=state_shardings,  # the same: a sharded state needs them here
     )
     rows = local_batch_slice(mesh, global_batch_size)
     for batch in global_batches:
@@ -414,9 +418,10 @@ def jit_sharded_step(
       mesh: the mesh (:func:`model_mesh`).
       teacher_shardings: the shardings of the placed teacher (:func:`place_teacher`),
         or one ``Sharding`` for all of it; ``None`` for a step without teacher params.
-      state_shardings: the student state's shardings (e.g. ``auto_shardings(state,
-        mesh)``); ``None`` replicates it on every device. The state leaves the
-        step with the shardings it came in with.
+      state_shardings: the student state's shardings, the ones it was placed with
+        (e.g. ``auto_shardings(state, mesh)``); ``None``: replicated on every
+        device, and a state placed otherwise is refused by ``jax.jit`` (sharding
+        mismatch). The state leaves the step with these shardings.
       batch_axis: the mesh axis the batch's leading dimension is split over.
       donate: donate the state (argument 0).
       max_in_flight: on CPU devices, the most steps left running when a call returns

@@ -106,7 +106,7 @@ def chunked_distillation_objective(
       chunk_size: tokens per chunk, or ``"auto"`` (see
         :func:`jaxkd.chunked_distillation_loss`).
       logit_scale, softcap: the student's output layer (see
-        :func:`jaxkd.losses._projection.output_logits`).
+        :func:`jaxkd.output_logits`).
       teacher_logit_scale, teacher_softcap: the teacher's, when it gives hidden states.
       with_metrics: also report ``student_entropy``, ``teacher_entropy`` and
         ``agreement``, computed chunk by chunk (the step cannot: it has no logits).

@@ -81,7 +81,7 @@ def sparse_distillation_objective(
     The teacher is read from the batch: ``batch[f"{teacher_prefix}_log_probs"]`` and
     ``batch[f"{teacher_prefix}_indices"]`` (``[..., k]``) and
     ``batch[f"{teacher_prefix}_log_tail"]`` (``[...]``), as
-    :func:`jaxkd.losses._sparse_teacher.top_k_teacher` makes them; the step's teacher
+    :func:`jaxkd.top_k_teacher` makes them; the step's teacher
     output is ignored, so build the step with ``teacher_apply=None``. Per-token terms
     are averaged over the real tokens of the global batch (``sum / count`` reduced
     over ``axis_name``), so 8 devices with uneven masks equal one.
@@ -95,7 +95,7 @@ def sparse_distillation_objective(
     Args:
       loss: ``"tail_kl"`` (:func:`~jaxkd.losses._sparse_teacher.tail_bucket_kl`, the
         KL on the top-k classes plus a tail bucket) or ``"top_k_kl"``
-        (:func:`~jaxkd.losses._sparse_teacher.top_k_kl`, renormalized on the top
+        (:func:`jaxkd.top_k_kl`, renormalized on the top
         k, blind to the student's tail).
       alpha: weight of the distillation term in ``[0, 1]``: a number or a schedule
         ``step -> value`` (a schedule leaving ``[0, 1]`` makes the loss NaN).
