@@ -40,7 +40,13 @@ from jaxkd import _checks
 from jaxkd.losses._distributions import entropy
 from jaxkd.losses._divergences import DIVERGENCES
 from jaxkd.losses._kd_losses import cross_entropy_with_integer_labels
-from jaxkd.losses._projection import check_logit_options, check_projection
+from jaxkd.losses._projection import (
+    check_logit_options,
+    check_projection,
+    output_logits,
+    projected_logits,
+    scale_and_cap,
+)
 
 # Scalar options (alpha, temperature, scales, caps and the divergence's own,
 # prefixed): concrete ones are compiled in as constants (so that, e.g., a Python
@@ -140,11 +146,9 @@ def _chunk_values(config: _Config, options, raw_logits, teacher_logits, labels, 
     soft-cap are applied here, so that the gradient with respect to ``raw_logits``
     is the one the projection's matmuls need.
     """
-    logits = raw_logits
-    if options.get("logit_scale") is not None:
-        logits = logits * options["logit_scale"]
-    if options.get("softcap") is not None:
-        logits = options["softcap"] * jnp.tanh(logits / options["softcap"])
+    logits = scale_and_cap(
+        raw_logits, logit_scale=options.get("logit_scale"), softcap=options.get("softcap")
+    )
     loss_kwargs = {
         name.removeprefix(_LOSS_PREFIX): value
         for name, value in options.items()
@@ -176,22 +180,18 @@ def _chunk_values(config: _Config, options, raw_logits, teacher_logits, labels, 
     return total, sums
 
 
-def _teacher_logits(config: _Config, options, teacher_rows, teacher_shared):
+def _teacher_logits(options, teacher_rows, teacher_shared):
     """The teacher's float32 logits of a chunk: given, or from its hidden states."""
-    if not config.teacher_from_hidden:
-        return jax.lax.stop_gradient(teacher_rows.astype(jnp.float32))
     t_kernel, t_bias = teacher_shared
-    t_dtype = jnp.promote_types(teacher_rows.dtype, t_kernel.dtype)
-    logits = jnp.matmul(
-        teacher_rows.astype(t_dtype), t_kernel.astype(t_dtype), preferred_element_type=jnp.float32
+    if t_kernel is None:
+        return jax.lax.stop_gradient(teacher_rows.astype(jnp.float32))
+    logits = output_logits(
+        teacher_rows,
+        t_kernel,
+        t_bias,
+        logit_scale=options.get("teacher_logit_scale"),
+        softcap=options.get("teacher_softcap"),
     )
-    if t_bias is not None:
-        logits = logits + t_bias.astype(jnp.float32)[None, :]
-    if options.get("teacher_logit_scale") is not None:
-        logits = logits * options["teacher_logit_scale"]
-    if options.get("teacher_softcap") is not None:
-        cap = options["teacher_softcap"]
-        logits = cap * jnp.tanh(logits / cap)
     return jax.lax.stop_gradient(logits)
 
 
@@ -213,15 +213,11 @@ def _chunk(config: _Config, dynamic, rows, shared, with_grads: bool):
         if config.teacher_from_hidden:
             teacher_rows = jnp.where(mask[:, None], teacher_rows, jnp.zeros((), teacher_rows.dtype))
     dot_dtype = jnp.promote_types(hidden.dtype, kernel.dtype)
-    raw = jnp.matmul(
-        hidden.astype(dot_dtype), kernel.astype(dot_dtype), preferred_element_type=jnp.float32
-    )
-    if bias is not None:
-        raw = raw + bias.astype(jnp.float32)[None, :]
+    raw = projected_logits(hidden, kernel, bias)  # scaled and capped in _chunk_values
 
     def values(raw_logits, dynamic):
         options = {**dict(config.static_options), **dynamic}
-        teacher_logits = _teacher_logits(config, options, teacher_rows, shared[2:])
+        teacher_logits = _teacher_logits(options, teacher_rows, shared[2:])
         total, sums = _chunk_values(config, options, raw_logits, teacher_logits, labels, mask)
         return total, {**sums, "loss": total}
 

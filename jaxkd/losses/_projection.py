@@ -69,12 +69,25 @@ def output_logits(hidden, kernel, bias=None, *, logit_scale=None, softcap=None) 
       Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size",
       2024 (logit soft-capping). https://arxiv.org/abs/2408.00118
     """
+    return scale_and_cap(
+        projected_logits(hidden, kernel, bias), logit_scale=logit_scale, softcap=softcap
+    )
+
+
+def projected_logits(hidden, kernel, bias=None) -> jax.Array:
+    """``hidden @ kernel + bias`` in float32: the matmul in the inputs' promoted dtype
+    with float32 accumulation; :func:`output_logits` before its scale and cap."""
     dtype = jnp.promote_types(jnp.result_type(hidden), jnp.result_type(kernel))
     logits = jnp.matmul(
         jnp.asarray(hidden, dtype), jnp.asarray(kernel, dtype), preferred_element_type=jnp.float32
     )
     if bias is not None:
         logits = logits + jnp.asarray(bias, jnp.float32)[..., None, :]
+    return logits
+
+
+def scale_and_cap(logits, *, logit_scale=None, softcap=None) -> jax.Array:
+    """``c * tanh(s * logits / c)``, each step left out when its option is ``None``."""
     if logit_scale is not None:
         logits = logits * jnp.asarray(logit_scale, jnp.float32)
     if softcap is not None:

@@ -66,6 +66,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import jax
@@ -76,15 +77,23 @@ from jaxkd.losses._distributions import _as_compute_dtype
 from jaxkd.losses._divergence_terms import softmax_parts
 from jaxkd.losses._divergences import DIVERGENCES
 
-# Each loss and its options (loss_kwargs) with their defaults, as in the full-vocab functions.
+# Arguments every divergence takes that are not among a loss's own options.
+_COMMON_ARGUMENTS = ("temperature", "axis", "where", "vocab_axis_name")
+
+
+def _own_options(fn) -> dict[str, float]:
+    """The keyword-only options of a divergence with their defaults (``beta=0.5``, ...)."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(fn).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY and name not in _COMMON_ARGUMENTS
+    }
+
+
+# Each loss and its options (loss_kwargs) with their defaults, read from the full-vocab
+# functions themselves.
 _LOSS_OPTIONS: dict[str, dict[str, float]] = {
-    "kl": {},
-    "reverse_kl": {},
-    "soft_cross_entropy": {},
-    "jsd": {"beta": 0.5},
-    "skew_kl": {"alpha": 0.1},
-    "skew_reverse_kl": {"alpha": 0.1},
-    "total_variation": {},
+    name: _own_options(fn) for name, fn in DIVERGENCES.items()
 }
 
 
