@@ -102,7 +102,6 @@ class _Config:
     chunk_size: int | None
     teacher_from_hidden: bool
     has_labels: bool
-    has_mask: bool
     with_metrics: bool
     static_options: tuple[tuple[str, float], ...]
 
@@ -552,7 +551,6 @@ def chunked_distillation_loss(
         chunk_size=chunk_size,
         teacher_from_hidden=teacher_logits is None,
         has_labels=labels is not None,
-        has_mask=where is not None,
         with_metrics=with_metrics,
         static_options=static,
     )
