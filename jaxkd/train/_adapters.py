@@ -16,6 +16,14 @@ import jax
 from flax import linen as nn
 from flax import nnx
 
+from jaxkd.train._features import (
+    Features,
+    feature_paths,
+    linen_capture_filter,
+    select_features,
+    with_features,
+)
+
 PyTree = Any
 
 
@@ -25,6 +33,7 @@ def linen_apply(
     train_kwarg: str | None = "train",
     mutable: Sequence[str] = ("batch_stats",),
     rng_collection: str = "dropout",
+    features: Features = None,
 ):
     """Student apply for a linen module called as ``module(inputs, train=...)``.
 
@@ -33,31 +42,65 @@ def linen_apply(
       train_kwarg: name of the module's train/eval keyword argument, or ``None``.
       mutable: collections updated in training when present in ``model_state``.
       rng_collection: the rng stream given ``rng`` in training (dropout).
+      features: intermediate values to return beside the logits, without changing
+        the model: paths (``["stage1", "stage2/block0"]``, named by themselves) or
+        ``{name: path}``; a path names a submodule (its output) or a value sown into
+        the ``"intermediates"`` collection (see :mod:`jaxkd.train._features`).
 
     Returns:
       ``apply(params, model_state, inputs, *, train, rng)``; ``model_state`` is the
       variables dict without ``"params"`` (e.g. ``{"batch_stats": ...}`` or ``{}``).
+      With ``features`` the outputs are ``{"logits": ..., "features": {name: ...}}``.
     """
+    call = _linen_call(module, feature_paths(features))
 
     def apply(params, model_state, inputs, *, train: bool, rng=None):
         variables = {"params": params, **model_state}
         kwargs = {} if train_kwarg is None else {train_kwarg: train}
         rngs = {rng_collection: rng} if (train and rng is not None) else None
         updated = [name for name in mutable if name in model_state] if train else []
-        if not updated:
-            return module.apply(variables, inputs, rngs=rngs, **kwargs), model_state
-        outputs, changes = module.apply(variables, inputs, rngs=rngs, mutable=updated, **kwargs)
-        return outputs, {**model_state, **changes}
+        outputs, changes = call(variables, inputs, rngs=rngs, mutable=updated, **kwargs)
+        return outputs, ({**model_state, **changes} if changes else model_state)
 
     return apply
 
 
-def linen_teacher_apply(module: nn.Module, *, train_kwarg: str | None = "train"):
-    """Teacher apply for a linen module: ``teacher_apply(variables, inputs)``."""
+def _linen_call(module: nn.Module, paths: dict[str, str]):
+    """``call(variables, inputs, *, mutable, **kwargs) -> (outputs, changed collections)``,
+    recording the features at ``paths`` when there are any."""
+
+    def call(variables, inputs, *, mutable, **kwargs):
+        if not paths:
+            if not mutable:
+                return module.apply(variables, inputs, **kwargs), {}
+            return module.apply(variables, inputs, mutable=list(mutable), **kwargs)
+        outputs, changes = module.apply(
+            variables,
+            inputs,
+            capture_intermediates=linen_capture_filter(paths),
+            mutable=[*mutable, "intermediates"],
+            **kwargs,
+        )
+        changes = dict(changes)
+        recorded = changes.pop("intermediates", {})
+        return with_features(outputs, select_features(recorded, paths)), changes
+
+    return call
+
+
+def linen_teacher_apply(
+    module: nn.Module, *, train_kwarg: str | None = "train", features: Features = None
+):
+    """Teacher apply for a linen module: ``teacher_apply(variables, inputs)``.
+
+    ``features`` as in :func:`linen_apply`: the outputs are then
+    ``{"logits": ..., "features": {name: ...}}``.
+    """
+    call = _linen_call(module, feature_paths(features))
 
     def teacher_apply(variables, inputs):
         kwargs = {} if train_kwarg is None else {train_kwarg: False}
-        return module.apply(variables, inputs, **kwargs)
+        return call(variables, inputs, mutable=(), **kwargs)[0]
 
     return teacher_apply
 
@@ -83,7 +126,21 @@ def _stream_key(rng: jax.Array, tag: str) -> jax.Array:
     return jax.random.fold_in(rng, zlib.crc32(tag.encode()))
 
 
-def nnx_apply(graphdef):
+def _nnx_call(paths: dict[str, str]):
+    """``call(model, inputs) -> outputs``, with the features at ``paths`` when any."""
+
+    def call(model, inputs):
+        if not paths:
+            return model(inputs)
+        outputs, recorded = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+            inputs
+        )
+        return with_features(outputs, select_features(nnx.to_pure_dict(recorded), paths))
+
+    return call
+
+
+def nnx_apply(graphdef, *, features: Features = None):
     """Student apply for an NNX model split by :func:`nnx_split`.
 
     Training mode is set with ``model.train()`` / ``model.eval()``. In training
@@ -102,7 +159,12 @@ def nnx_apply(graphdef):
     ``nnx.Rngs`` (part of ``model_state``) and the returned ``model_state``
     carries their advanced counters. In eval mode ``rng`` is unused and
     ``model_state`` is returned unchanged.
+
+    ``features``: intermediate values to return beside the logits, by module path
+    (attribute names, list items by index: ``"blocks/0"``) or sown name
+    (``self.sow(nnx.Intermediate, "name", x)``), as in :func:`linen_apply`.
     """
+    call = _nnx_call(feature_paths(features))
 
     def apply(params, model_state, inputs, *, train: bool, rng=None):
         # copy=True: fresh Variables at the current trace level, so that BatchNorm
@@ -110,10 +172,10 @@ def nnx_apply(graphdef):
         model = nnx.merge(graphdef, params, model_state, copy=True)
         if not train:
             model.eval()
-            return model(inputs), model_state
+            return call(model, inputs), model_state
         model.train()
         if rng is None:
-            outputs = model(inputs)
+            outputs = call(model, inputs)
         else:
             streams = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)]
             saved = [
@@ -121,7 +183,7 @@ def nnx_apply(graphdef):
             ]
             tags = {stream.tag for stream in streams}
             nnx.reseed(model, policy="match_shape", **{tag: _stream_key(rng, tag) for tag in tags})
-            outputs = model(inputs)
+            outputs = call(model, inputs)
             nnx.restore_rngs(saved)
         _, _, model_state = nnx.split(model, nnx.Param, ...)
         return outputs, model_state
@@ -129,14 +191,16 @@ def nnx_apply(graphdef):
     return apply
 
 
-def nnx_teacher_apply(graphdef):
+def nnx_teacher_apply(graphdef, *, features: Features = None):
     """Teacher apply for an NNX model: ``teacher_apply(state, inputs)`` in eval mode,
-    where ``state`` is ``nnx.split(model)[1]`` (or params and rest merged)."""
+    where ``state`` is ``nnx.split(model)[1]`` (or params and rest merged);
+    ``features`` as in :func:`nnx_apply`."""
+    call = _nnx_call(feature_paths(features))
 
     def teacher_apply(state, inputs):
         model = nnx.merge(graphdef, state, copy=True)
         model.eval()
-        return model(inputs)
+        return call(model, inputs)
 
     return teacher_apply
 
