@@ -7,6 +7,13 @@ over one device or a data-parallel axis) live here too.
 """
 
 from jaxkd.losses._chunked import ChunkedSums, chunked_distillation_loss
+from jaxkd.losses._crd import (
+    crd_nce_loss,
+    crd_scores,
+    init_memory_bank,
+    sample_negatives,
+    update_memory_bank,
+)
 from jaxkd.losses._distributions import entropy, log_softmax, softmax, standardize_logits
 from jaxkd.losses._divergences import (
     generalized_jsd,
@@ -46,6 +53,11 @@ from jaxkd.parallel._reductions import (
 )
 
 __all__ = [
+    "crd_nce_loss",
+    "crd_scores",
+    "init_memory_bank",
+    "sample_negatives",
+    "update_memory_bank",
     "SparseTeacher",
     "tail_bucket_kl",
     "top_k_kl",
