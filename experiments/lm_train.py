@@ -21,7 +21,8 @@ steps and optimizer:
 The config's ``student_runs`` says which students run (``quick`` leaves out
 ``kd_cached``). Every run is evaluated on the first ``eval_windows`` windows of the
 validation and test splits (per-token cross-entropy, perplexity,
-``KL(teacher || student)`` at T=1, top-1 agreement, entropies), and samples continuations of
+``KL(teacher || student)`` at T=1, top-1 agreement, entropies, mutual information of the
+teacher's and the student's next-token argmaxes), and samples continuations of
 ``sample_prompts`` test prompts which the teacher scores (the teacher's per-token
 NLL of the model's samples). Each run's step is compiled before its timer starts;
 ``tokens_per_s`` counts training tokens over training time (data loading,
@@ -82,6 +83,8 @@ COLUMNS = (
     ("test perplexity", "perplexity", "{:.2f}"),
     ("KL(teacher ‖ student) at T=1", "kl", "{:.4f}"),
     ("agreement w/ teacher", "agreement", "{:.4f}"),
+    ("MI(teacher; student) (nats)", "mutual_information", "{:.4f}"),
+    ("normalized MI", "normalized_mutual_information", "{:.4f}"),
     ("teacher NLL of samples", "teacher_nll_of_samples", "{:.3f}"),
     ("params", "params", "{:,.0f}"),
     ("FLOPs/token", "flops_per_token", "{:,.0f}"),
@@ -354,6 +357,10 @@ class LmExperiment:
                     temperature=1.0,
                     input_key="inputs",
                     label_key="targets",
+                    # The [V, V] joint is too large to sum per batch: the step
+                    # gathers the tokens' (teacher, student) argmax pairs instead,
+                    # counted here on the host (only the pairs that occur).
+                    prediction_joint="labels",
                 ),
                 self.mesh,
                 donate=False,
@@ -365,12 +372,17 @@ class LmExperiment:
         )
         results = {}
         for split, batches in self.data.eval_batches.items():
-            totals = None
+            totals, pairs = None, []
             for batch in batches:
                 batch = {key: value[local] for key, value in batch.items()}
                 sums = evaluate(state, teacher_variables, jaxkd.shard_batch(batch, self.mesh))
+                sums = jax.device_get(sums)
+                if "prediction_pairs" in sums:  # concatenated, not summed
+                    pairs.append(sums.pop("prediction_pairs"))
                 totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-            results[split] = jaxkd.lm.summarize_token_eval(jax.device_get(totals))
+            if pairs:
+                totals["prediction_pairs"] = np.concatenate(pairs)
+            results[split] = jaxkd.lm.summarize_token_eval(totals)
         return results
 
     def teacher_nll_of_samples(self, model, params, teacher, seed: int) -> float:
@@ -664,6 +676,8 @@ def write_report(results, config, workdir: str, tokens: dict[str, int]) -> str:
         + " / ".join(f"{count:,} {split}" for split, count in tokens.items())
         + " (validation and test: the evaluated windows); perplexity, KL and agreement "
         "are per real token of the test windows (validation perplexity on validation); "
+        "MI is the mutual information (nats) of the teacher's and the model's next-token "
+        "argmaxes over the test tokens, normalized MI = MI / sqrt(H(teacher) H(student)); "
         "the teacher's NLL (nats/token) of each model's sampled continuations of "
         f"{config.sample_prompts} test prompts of {config.prompt_length} tokens."
     )

@@ -2,7 +2,10 @@
 
 Every column but the validation accuracy is measured on the test split. The KL
 column is the plain ``KL(teacher || student)`` of the T=1 distributions (no T^2
-factor), whatever temperature the student was distilled at.
+factor), whatever temperature the student was distilled at. The MI columns are the
+mutual information, in nats, of the teacher's and the student's top-1 predictions
+over the test examples, and its normalization ``MI / sqrt(H(teacher) H(student))``
+(:func:`jaxkd.mutual_information`); like the agreement, n/a for the teacher.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ COLUMNS = (
     ("validation accuracy", "validation_accuracy", "{:.4f}"),
     ("test accuracy", "accuracy", "{:.4f}"),
     ("agreement w/ teacher", "agreement", "{:.4f}"),
+    ("MI(teacher; student) (nats)", "mutual_information", "{:.4f}"),
+    ("normalized MI", "normalized_mutual_information", "{:.4f}"),
     ("KL(teacher ‖ student) at T=1", "kl", "{:.4f}"),
     ("student entropy", "student_entropy", "{:.3f}"),
     ("teacher entropy", "teacher_entropy", "{:.3f}"),

@@ -1,4 +1,4 @@
-"""Token-weighted language-model metrics: perplexity and sequence scores."""
+"""Token-weighted language-model metrics: perplexity, prediction MI and sequence scores."""
 
 from __future__ import annotations
 
@@ -18,12 +18,17 @@ def summarize_token_eval(sums: Mapping[str, Any]) -> dict[str, float]:
 
     Args:
       sums: scalar sums from :func:`jaxkd.make_eval_step` over ``[B, L]``
-        targets and mask (one batch's, or many batches' added up).
+        targets and mask (one batch's, or many batches' added up), and, with a
+        teacher, its ``prediction_joint`` or ``prediction_pairs``: for a
+        vocabulary of thousands, build the step with ``prediction_joint="labels"``
+        and concatenate the ``[N, 2]`` pairs over batches rather than adding them.
 
     Returns:
       :func:`jaxkd.summarize_eval`'s means, each per real token (``count`` is the
       number of real target tokens), with ``perplexity = exp(cross_entropy)`` and,
-      with a teacher, ``teacher_perplexity``.
+      with a teacher, ``teacher_perplexity``; with the pairs or the joint,
+      ``mutual_information`` and ``normalized_mutual_information`` of the
+      teacher's and the student's next-token argmaxes over the real tokens.
     """
     summary = summarize_eval(sums)
     summary["perplexity"] = math.exp(summary["cross_entropy"])

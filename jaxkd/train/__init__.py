@@ -17,7 +17,25 @@ from jaxkd.train._adapters import (
 )
 from jaxkd.train._chunked_objective import chunked_distillation_objective
 from jaxkd.train._cost import compiled_flops
-from jaxkd.train._metrics import accuracy, top1_agreement
+from jaxkd.train._crd_objective import crd_objective
+from jaxkd.train._dynamic import (
+    confidence_temperature_objective,
+    confidence_temperatures,
+    cosine_ramp,
+    ctkd_objective,
+    gap_alpha,
+    gap_alpha_objective,
+    reverse_gradient,
+)
+from jaxkd.train._feature_objective import feature_objective, features_of, init_distillation
+from jaxkd.train._metrics import (
+    accuracy,
+    mutual_information,
+    mutual_information_of_labels,
+    prediction_joint_counts,
+    prediction_pairs,
+    top1_agreement,
+)
 from jaxkd.train._objectives import (
     cross_entropy_objective,
     distillation_objective,
@@ -25,7 +43,7 @@ from jaxkd.train._objectives import (
     logits_of,
 )
 from jaxkd.train._sparse_objective import sparse_distillation_objective
-from jaxkd.train._state import TrainState
+from jaxkd.train._state import TrainState, distillation_optimizer, export_student
 from jaxkd.train._step import make_eval_step, make_train_step, summarize_eval
 from jaxkd.train._teachers import (
     aggregate_teacher_logits,
@@ -36,15 +54,31 @@ from jaxkd.train._teachers import (
 )
 
 __all__ = [
+    "crd_objective",
+    "mutual_information",
+    "mutual_information_of_labels",
+    "prediction_joint_counts",
+    "prediction_pairs",
     "accuracy",
     "aggregate_teacher_logits",
     "ca_mkd_weights",
     "chunked_distillation_objective",
     "compiled_flops",
+    "confidence_temperature_objective",
+    "confidence_temperatures",
+    "cosine_ramp",
+    "ctkd_objective",
     "count_params",
     "cross_entropy_objective",
     "distillation_objective",
+    "distillation_optimizer",
+    "export_student",
+    "feature_objective",
+    "features_of",
+    "gap_alpha",
+    "gap_alpha_objective",
     "hinton_objective",
+    "init_distillation",
     "linen_apply",
     "linen_teacher_apply",
     "logits_of",
@@ -54,6 +88,7 @@ __all__ = [
     "nnx_apply",
     "nnx_split",
     "nnx_teacher_apply",
+    "reverse_gradient",
     "sparse_distillation_objective",
     "split_linen_variables",
     "stack_params",

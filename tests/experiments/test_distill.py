@@ -80,6 +80,9 @@ def test_digits_quick_writes_results(finished):
     assert 0.0 <= summary["distilled"]["validation_accuracy"]["mean"] <= 1.0
     # A teacher has no agreement with itself: NaN in memory, null in strict JSON.
     assert summary["teacher"]["agreement"]["mean"] is None
+    assert summary["teacher"]["mutual_information"]["mean"] is None
+    assert 0.0 <= summary["distilled"]["normalized_mutual_information"]["mean"] <= 1.0
+    assert "| MI(teacher; student) (nats) | normalized MI |" in table
     records = [
         json.loads(line)
         for line in (workdir / "seed_0" / "distilled" / "metrics.jsonl").read_text().splitlines()

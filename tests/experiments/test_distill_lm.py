@@ -40,6 +40,9 @@ def test_quick_run_reports_every_run_per_token(finished):
     teacher, *students = results
     assert teacher["params"] > 2 * students[0]["params"]
     assert all(math.isfinite(s["kl"]) and s["kl"] >= 0 for s in students)
+    assert "mutual_information" not in teacher  # no teacher to compare with
+    for s in students:
+        assert s["mutual_information"] >= 0 and 0 <= s["normalized_mutual_information"] <= 1
     with open(os.path.join(workdir, "results.md")) as f:
         text = f.read()
     for title in lm_train.RUN_TITLES.values():
