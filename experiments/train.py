@@ -67,7 +67,14 @@ STUDENT_RUNS = ("scratch", "distilled", "distilled_cached")
 
 
 def make_optimizer(config, *, steps: int, learning_rate: float) -> optax.GradientTransformation:
-    """The configured optimizer with a cosine (or constant) schedule and warmup."""
+    """The configured optimizer with a cosine (with warmup), step or constant schedule.
+
+    ``schedule="step"`` multiplies the learning rate by ``config.decay_factor`` at
+    each of ``config.decay_steps`` (the step counts from which the decayed rate
+    applies, as the epoch milestones of the CRD recipe: 0.1 at epochs 150, 180 and
+    210 of 240); it has no warmup. SGD uses Nesterov momentum unless
+    ``config.nesterov`` is False (CRD's recipe uses plain momentum).
+    """
     if config.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             0.0 if config.warmup_steps else learning_rate,
@@ -75,11 +82,25 @@ def make_optimizer(config, *, steps: int, learning_rate: float) -> optax.Gradien
             warmup_steps=config.warmup_steps,
             decay_steps=steps,
         )
+    elif config.schedule == "step":
+        boundaries = [int(step) for step in config.get("decay_steps", ())]
+        factor = float(config.get("decay_factor", 0.1))
+        if not boundaries or boundaries != sorted(set(boundaries)) or boundaries[0] <= 0:
+            raise ValueError(
+                "schedule='step' needs decay_steps, increasing positive step counts; "
+                f"got {config.get('decay_steps')!r}."
+            )
+        if not factor >= 0.0:
+            raise ValueError(f"decay_factor={factor} must be >= 0.")
+        schedule = optax.piecewise_constant_schedule(
+            learning_rate, {step: factor for step in boundaries}
+        )
     else:
         schedule = optax.constant_schedule(learning_rate)
     if config.optimizer == "sgd":
         momentum = config.momentum or None  # 0: plain SGD
-        optimizer = optax.sgd(schedule, momentum=momentum, nesterov=momentum is not None)
+        nesterov = momentum is not None and bool(config.get("nesterov", True))
+        optimizer = optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
         if config.weight_decay:
             optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay), optimizer)
         return optimizer
@@ -216,15 +237,25 @@ class Experiment:
             kwargs["hidden_sizes"] = tuple(kwargs["hidden_sizes"])
         return models.get_model(self.config[role].model, self.spec.num_classes, **kwargs)
 
-    def loader(self, seed: int, teacher_cache: TeacherCache | None = None) -> data.TrainLoader:
+    def loader(
+        self, seed: int, teacher_cache: TeacherCache | None = None, *, kind: str | None = None
+    ) -> data.TrainLoader:
         """This process's training batches of run seed ``seed``: a Grain ``DatasetIterator``.
 
         With ``teacher_cache`` (one record per training example), each example also
-        carries its record: a :class:`CachedTeacherLoader`.
+        carries its record: a :class:`CachedTeacherLoader`. ``config.augment``'s views
+        of run ``kind`` (:func:`augment.for_run`: crop and flip for every run, mixup and
+        the teacher's own view for ``distilled`` alone) are drawn per (seed, step).
         """
+        from experiments.data import augment
+
+        augmentation = augment.for_run(self.config, kind, input_shape=self.spec.input_shape)
         if teacher_cache is None:
             return data.TrainLoader(
-                self.train_arrays, global_batch_size=self.config.batch_size, seed=seed
+                self.train_arrays,
+                global_batch_size=self.config.batch_size,
+                seed=seed,
+                augmentation=augmentation,
             )
         teacher = teacher_cache.read(np.arange(len(teacher_cache)))
         return CachedTeacherLoader(

@@ -44,6 +44,32 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distill.alpha = 0.9
     config.distill.temperature = 4.0
     config.distill.loss_kwargs = ml_collections.ConfigDict()
+    # A feature or relational term added to the logit term (jaxkd.feature_objective):
+    # loss "" (none) | hint | attention | sp | rkd_distance | rkd_angle | pkt | crd, on the
+    # intermediate values at paths `student` and `teacher` (module paths or sown names),
+    # through a trainable projector of the student's features (none | linear | conv1x1),
+    # which lives in the train state and is not part of the exported student.
+    config.distill.feature = ml_collections.ConfigDict()
+    config.distill.feature.loss = ""
+    config.distill.feature.weight = 0.0
+    config.distill.feature.student = ""
+    config.distill.feature.teacher = ""
+    config.distill.feature.projector = "none"
+    config.distill.feature.loss_kwargs = ml_collections.ConfigDict()
+    # Dynamic distillation (the distilled_dynamic run): "" (none) | ctkd | confidence_temperature
+    # | gap_alpha, with its options; see jaxkd.dynamic objectives.
+    config.distill.dynamic = ml_collections.ConfigDict()
+    config.distill.dynamic.method = ""
+    config.distill.dynamic.kwargs = ml_collections.ConfigDict()
+
+    # Training-time augmentation (experiments.data.augment). The step feeds the same
+    # augmented inputs to the teacher and the student (function matching, Beyer et al.
+    # 2022) unless consistent=False, where the teacher sees an independent view.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.crop_padding = 0
+    config.augment.flip = False
+    config.augment.mixup_alpha = 0.0
+    config.augment.consistent = True
 
     # Cached teacher (experiments/cache_teacher.py): the teacher's outputs on every
     # training example, written once under WORKDIR/seed_<s>/teacher_cache/ (full/, or

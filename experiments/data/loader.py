@@ -15,6 +15,7 @@ process's part of global batch ``k``::
       .map(process slice)                   # this process's contiguous part of it
       .map(read)                            # {key: source[key][indices]}: one gather per key
       .map(transform)                       # optional, e.g. to model inputs and targets
+      .map_with_index(augment_batch)        # optional (TrainLoader): views of (seed, step k)
 
 iterated with Grain's checkpointable ``DatasetIterator``: ``get_state()`` is a
 small JSON-serializable dict and ``set_state`` resumes exactly there, and
@@ -56,6 +57,7 @@ import grain
 import jax
 import numpy as np
 
+from experiments.data.augment import Augmentation, augment_batch
 from experiments.errors import ExperimentError
 
 Batch = dict[str, np.ndarray]
@@ -279,6 +281,7 @@ def _pipeline(
     *,
     keys: tuple[str, ...],
     transform: Transform | None,
+    augmentation: Augmentation | None = None,
 ) -> grain.MapDataset:
     dataset = (
         grain.MapDataset.range(indices.batches_per_epoch)
@@ -287,7 +290,21 @@ def _pipeline(
         .map(lambda global_indices: global_indices[local])
         .map(lambda local_indices: read(source, local_indices, keys=keys))
     )
-    return dataset if transform is None else dataset.map(transform)
+    if transform is not None:
+        dataset = dataset.map(transform)
+    if augmentation is not None:
+        # The view of step k is a function of (seed, k): a resumed run sees the same.
+        dataset = dataset.map_with_index(
+            lambda step, batch: augment_batch(
+                batch,
+                augmentation,
+                seed=indices.seed,
+                step=step,
+                global_batch_size=indices.global_batch_size,
+                local=local,
+            )
+        )
+    return dataset
 
 
 def default_read_options(source: Source) -> grain.ReadOptions:
@@ -362,6 +379,10 @@ class TrainLoader(grain.DatasetIterator):
         process_index: this process, default ``jax.process_index()``.
         process_count: number of processes, default ``jax.process_count()``.
         read_options: Grain's threads and prefetch; default :func:`default_read_options`.
+        augmentation: optional random crop, flip and mixup of ``image``, drawn per
+            ``(seed, step)`` (:mod:`experiments.data.augment`); when not
+            ``consistent``, the batch also holds the teacher's own view
+            ``teacher_image`` float32 [B_local, ...].
 
     Attributes:
         dataset: the pipeline, a ``grain.MapDataset``: ``dataset[k]`` is the batch
@@ -380,6 +401,7 @@ class TrainLoader(grain.DatasetIterator):
         process_index: int | None = None,
         process_count: int | None = None,
         read_options: grain.ReadOptions | None = None,
+        augmentation: Augmentation | None = None,
     ):
         to_batch = ClassificationBatch(image_key, label_key, normalize)
         self._indices = GlobalBatchIndices(
@@ -389,7 +411,12 @@ class TrainLoader(grain.DatasetIterator):
         )
         local = _resolve_slice(global_batch_size, process_index, process_count)
         self.dataset = _pipeline(
-            source, self._indices, local, keys=to_batch.keys, transform=to_batch
+            source,
+            self._indices,
+            local,
+            keys=to_batch.keys,
+            transform=to_batch,
+            augmentation=augmentation,
         )
         read_options = read_options or default_read_options(source)
         super().__init__(iter(self.dataset.to_iter_dataset(read_options)))
