@@ -40,6 +40,7 @@ RUN_TITLES = {
     "scratch": "student from scratch",
     "distilled": "distilled student",
     "distilled_cached": "distilled student, cached teacher",
+    "distilled_dynamic": "distilled student, dynamic",
 }
 
 
@@ -180,6 +181,23 @@ def data_note(data_sizes: Mapping[str, int], validation_fraction: float, *, kl: 
     return note + ("; KL(teacher ‖ student) is that of the T=1 distributions." if kl else ".")
 
 
+def _method_note(config) -> str:
+    """The distillation's feature term and dynamic method, when the config has them."""
+    parts = []
+    feature = config.distill.get("feature")
+    if feature is not None and feature.loss:
+        parts.append(
+            f" + {feature.weight} x {feature.loss} ({feature.student} -> {feature.teacher}, "
+            f"projector {feature.projector})"
+        )
+    dynamic = config.distill.get("dynamic")
+    if dynamic is not None and dynamic.method and "distilled_dynamic" in config.student_runs:
+        kwargs = dynamic.kwargs.to_dict()
+        options = f" {kwargs}" if kwargs else ""
+        parts.append(f"; dynamic student: {dynamic.method}{options}")
+    return "".join(parts)
+
+
 def write_report(
     results: Sequence[dict[str, Any]],
     config,
@@ -196,8 +214,8 @@ def write_report(
     seeds = sorted({r["seed"] for r in results})
     title = (
         f"{config.dataset}: {config.distill.loss} distillation, "
-        f"T={config.distill.temperature}, alpha={config.distill.alpha}, "
-        f"{config.steps} student steps, seeds {seeds}"
+        f"T={config.distill.temperature}, alpha={config.distill.alpha}"
+        f"{_method_note(config)}, {config.steps} student steps, seeds {seeds}"
     )
     note = data_note(data_sizes, config.validation_fraction) if data_sizes else ""
     text = "\n\n".join(part for part in (title, note, table) if part)

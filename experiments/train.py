@@ -52,15 +52,20 @@ import jaxkd
 from experiments import cache_teacher, data, jsonfiles, models, run_config
 from experiments.checkpointing import RunCheckpointer
 from experiments.checks import check_workdir, validate_config
+from experiments.data import augment
 from experiments.data import loader as loaders
 from experiments.data.teacher_cache import DTYPES, CachedTeacherLoader, TeacherCache
 from experiments.errors import ExperimentError
 from experiments.interrupt import Interrupted, StopOnInterrupt
 from experiments.interrupt import message as interrupt_message
+from jaxkd.train._dynamic import DYNAMIC_OBJECTIVES
+from jaxkd.train._feature_objective import FEATURE_LOSSES, PROJECTORS
 from jaxkd.train._sparse_objective import SPARSE_LOSSES, sparse_distillation_objective
 
 RUNS = ("teacher", "scratch", "distilled")  # the teacher and the default student_runs
-STUDENT_RUNS = ("scratch", "distilled", "distilled_cached")
+STUDENT_RUNS = ("scratch", "distilled", "distilled_cached", "distilled_dynamic")
+# The runs that distill from the teacher online (its forward inside the step).
+ONLINE_RUNS = ("distilled", "distilled_dynamic")
 
 
 # Building blocks --------------------------------------------------------------
@@ -157,13 +162,40 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         fail(f"cache.batch_size={cache.batch_size} must be >= 0 (0: batch_size).")
     if cache.loss not in SPARSE_LOSSES:
         fail(f"cache.loss={cache.loss!r}; expected one of {sorted(SPARSE_LOSSES)}.")
+    feature = config.distill.feature
+    if feature.loss:
+        losses = sorted([*FEATURE_LOSSES, "crd"])
+        if feature.loss not in losses:
+            fail(f"distill.feature.loss={feature.loss!r}; expected '' or one of {losses}.")
+        if not (feature.student and feature.teacher):
+            fail(
+                f"distill.feature.loss={feature.loss!r} needs the feature paths "
+                "distill.feature.student and distill.feature.teacher."
+            )
+        if feature.projector not in PROJECTORS:
+            fail(f"distill.feature.projector={feature.projector!r}; expected one of {PROJECTORS}.")
+        if "distilled_cached" in kinds:
+            fail("distill.feature.loss needs the teacher's features: not with distilled_cached.")
+    method = config.distill.dynamic.method
+    if ("distilled_dynamic" in kinds) != bool(method):
+        fail(
+            f"distill.dynamic.method={method!r} and student_runs={kinds}: the "
+            f"distilled_dynamic run needs a method among {sorted(DYNAMIC_OBJECTIVES)}, and a "
+            "method needs that run."
+        )
+    if method and method not in DYNAMIC_OBJECTIVES:
+        fail(f"distill.dynamic.method={method!r}; expected one of {sorted(DYNAMIC_OBJECTIVES)}.")
+    try:
+        augment.check_config(config, data.get_spec(config.dataset).input_shape)
+    except ValueError as error:
+        fail(str(error))
 
 
 def cached_objective(config: ml_collections.ConfigDict):
     """The ``distilled_cached`` objective: the distilled one on the cached full logits,
     or ``cache.loss`` (with distill's alpha and temperature) on a top-k cache."""
     if not config.cache.k:
-        return distillation_objective(config)
+        return logit_objective(config)
     return sparse_distillation_objective(
         config.cache.loss,
         alpha=config.distill.alpha,
@@ -173,14 +205,48 @@ def cached_objective(config: ml_collections.ConfigDict):
     )
 
 
-def distillation_objective(config: ml_collections.ConfigDict):
-    """The ``distilled`` objective of ``config.distill``."""
+def logit_objective(config: ml_collections.ConfigDict):
+    """The logit term of ``config.distill`` (loss, alpha, temperature, loss_kwargs)."""
     return jaxkd.distillation_objective(
         config.distill.loss,
         alpha=config.distill.alpha,
         temperature=config.distill.temperature,
         loss_kwargs=config.distill.loss_kwargs.to_dict(),
     )
+
+
+def distillation_objective(config: ml_collections.ConfigDict, num_train: int | None = None):
+    """The ``distilled`` objective of ``config.distill``: its logit term, plus its
+    feature term when ``distill.feature.loss`` is set (CRD needs ``num_train``, the
+    size of its memory banks)."""
+    logits = logit_objective(config)
+    feature = config.distill.feature
+    if not feature.loss:
+        return logits
+    names = dict(student_feature="student", teacher_feature="teacher", base=logits)
+    if feature.loss == "crd":
+        return jaxkd.crd_objective(
+            num_data=num_train, weight=feature.weight, **names, **feature.loss_kwargs.to_dict()
+        )
+    return jaxkd.feature_objective(
+        feature.loss,
+        weight=feature.weight,
+        projector=feature.projector,
+        loss_kwargs=feature.loss_kwargs.to_dict(),
+        **names,
+    )
+
+
+def dynamic_objective(config: ml_collections.ConfigDict):
+    """The ``distilled_dynamic`` objective: ``distill.dynamic.method`` with its
+    ``kwargs``, starting from ``distill``'s alpha and temperature where it has them."""
+    method = config.distill.dynamic.method
+    defaults = {
+        "ctkd": dict(alpha=config.distill.alpha, initial_temperature=config.distill.temperature),
+        "confidence_temperature": dict(alpha=config.distill.alpha),
+        "gap_alpha": dict(temperature=config.distill.temperature),
+    }[method]
+    return DYNAMIC_OBJECTIVES[method](**{**defaults, **config.distill.dynamic.kwargs.to_dict()})
 
 
 class Experiment:
@@ -247,8 +313,6 @@ class Experiment:
         of run ``kind`` (:func:`augment.for_run`: crop and flip for every run, mixup and
         the teacher's own view for ``distilled`` alone) are drawn per (seed, step).
         """
-        from experiments.data import augment
-
         augmentation = augment.for_run(self.config, kind, input_shape=self.spec.input_shape)
         if teacher_cache is None:
             return data.TrainLoader(
@@ -256,6 +320,7 @@ class Experiment:
                 global_batch_size=self.config.batch_size,
                 seed=seed,
                 augmentation=augmentation,
+                with_index=self.uses_features(kind) and self.config.distill.feature.loss == "crd",
             )
         teacher = teacher_cache.read(np.arange(len(teacher_cache)))
         return CachedTeacherLoader(
@@ -294,13 +359,38 @@ class Experiment:
         experiment's); see :mod:`experiments.run_config`. ``distilled_cached``:
         ``distilled``'s and the cache's contents (and its loss, for top-k)."""
         config = config or self.config
-        if kind != "distilled_cached":
-            return run_config.run_fields(config, kind, seed, self.data_sizes)
-        fields = run_config.run_fields(config, "distilled", seed, self.data_sizes)
-        fields.update({"cache.k": int(config.cache.k), "cache.dtype": config.cache.dtype})
-        if config.cache.k:
-            fields["cache.loss"] = config.cache.loss
+        fields = run_config.run_fields(
+            config, "distilled" if kind in STUDENT_RUNS[1:] else kind, seed, self.data_sizes
+        )
+        fields.update(jsonfiles.strict(augment.run_fields(config, kind)))
+        if kind == "distilled" and config.distill.feature.loss:
+            fields["distill.feature"] = config.distill.feature.to_dict()
+        if kind == "distilled_dynamic":
+            fields["distill.dynamic"] = config.distill.dynamic.to_dict()
+        if kind == "distilled_cached":
+            fields.update({"cache.k": int(config.cache.k), "cache.dtype": config.cache.dtype})
+            if config.cache.k:
+                fields["cache.loss"] = config.cache.loss
         return fields
+
+    def uses_features(self, kind: str | None) -> bool:
+        """Whether run ``kind`` compares intermediate features (``distill.feature``)."""
+        return kind == "distilled" and bool(self.config.distill.feature.loss)
+
+    def applies(self, kind: str, model, teacher_apply):
+        """``(student apply, teacher apply)`` of run ``kind``'s train step: with the
+        ``distill.feature`` paths recorded (as ``"student"``, ``"teacher"``) when it
+        compares features; the teacher's only for the runs that distill online."""
+        if kind not in ONLINE_RUNS:
+            return jaxkd.linen_apply(model), None
+        if not self.uses_features(kind):
+            return jaxkd.linen_apply(model), teacher_apply
+        feature = self.config.distill.feature
+        teacher_model, _ = self._teacher
+        return (
+            jaxkd.linen_apply(model, features={"student": feature.student}),
+            jaxkd.linen_teacher_apply(teacher_model, features={"teacher": feature.teacher}),
+        )
 
     def check_runs(self, planned: dict[str, dict[str, Any]], *, overwrite: bool) -> None:
         """Refuses (or, with ``overwrite``, deletes) planned ``{rundir: fields}`` runs
@@ -314,14 +404,33 @@ class Experiment:
         reports what compiling it cost.
         """
         optimizer = make_optimizer(self.config, steps=steps, learning_rate=learning_rate)
-        # Only the distilled student runs the teacher while training; the others
-        # see it in evaluation alone (agreement, KL); distilled_cached reads it
-        # from the batch (teacher_apply=None).
-        train_teacher = teacher_apply if kind == "distilled" else None
+        # Only the online distilled students run the teacher while training; the
+        # others see it in evaluation alone (agreement, KL); distilled_cached reads
+        # it from the batch (teacher_apply=None).
+        student_apply, train_teacher = self.applies(kind, model, teacher_apply)
         step = jaxkd.make_train_step(
-            jaxkd.linen_apply(model), train_teacher, objective, optimizer, axis_name="data"
+            student_apply,
+            train_teacher,
+            objective,
+            optimizer,
+            axis_name="data",
+            teacher_input_key=augment.teacher_input_key(self.config, kind),
         )
         return optimizer, jaxkd.shard_step(step, self.mesh)
+
+    def init_distillation(self, kind, model, objective, teacher, student, key):
+        """The objective's ``(distill_params, distill_state)`` (projectors, embedding
+        heads, memory banks, a learned temperature), sized from two training examples."""
+        if getattr(objective, "init", None) is None:
+            return {}, {}
+        (params, model_state), (teacher_apply, teacher_variables) = student, teacher
+        student_apply, teacher_apply = self.applies(kind, model, teacher_apply)
+        batch = loaders.gather(self.train_arrays, np.arange(2))
+        student_out, _ = student_apply(params, model_state, batch["image"], train=False)
+        teacher_out = teacher_apply(teacher_variables, batch["image"])
+        return jaxkd.init_distillation(
+            objective, jax.random.fold_in(key, 2), student_out, teacher_out, batch
+        )
 
     def eval_step(self, model, teacher_apply) -> Callable:
         """The (compiled once, then reused) eval step of ``model`` against a teacher.
@@ -404,8 +513,16 @@ class Experiment:
         # Both students share this initialization: only the objective differs.
         init_key = jax.random.fold_in(jax.random.key(seed), 0 if kind == "teacher" else 1)
         params, model_state = models.init_model(model, init_key, self.train_arrays["image"][:2])
+        distill_params, distill_state = self.init_distillation(
+            kind, model, objective, teacher, (params, model_state), init_key
+        )
         state = jaxkd.TrainState.create(
-            params=params, optimizer=optimizer, model_state=model_state, rng=seed
+            params=params,
+            optimizer=optimizer,
+            model_state=model_state,
+            rng=seed,
+            distill_params=distill_params,
+            distill_state=distill_state,
         )
         state = jaxkd.replicate_on_mesh(state, self.mesh)
         if teacher_variables is not None:
@@ -413,7 +530,7 @@ class Experiment:
         eval_step = self.eval_step(model, teacher_apply)
 
         checkpointer = RunCheckpointer(os.path.join(rundir, "checkpoints"))
-        loader = self.loader(seed, teacher_cache)
+        loader = self.loader(seed, teacher_cache, kind=kind)
         elapsed = 0.0
         restored = checkpointer.restore(state, loader)
         if restored is not None:
@@ -558,11 +675,13 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    objectives = {
-        "scratch": jaxkd.cross_entropy_objective(),
-        "distilled": distillation_objective(config),
-        "distilled_cached": cached_objective(config),
+    builders = {
+        "scratch": jaxkd.cross_entropy_objective,
+        "distilled": lambda: distillation_objective(config, experiment.data_sizes["train"]),
+        "distilled_cached": lambda: cached_objective(config),
+        "distilled_dynamic": lambda: dynamic_objective(config),
     }
+    objectives = {kind: builders[kind]() for kind in kinds}
     student_model = experiment.model("student")
     results = []
     for seed in seeds:

@@ -282,16 +282,23 @@ def _pipeline(
     keys: tuple[str, ...],
     transform: Transform | None,
     augmentation: Augmentation | None = None,
+    with_index: bool = False,
 ) -> grain.MapDataset:
+    def load(local_indices):
+        batch = read(source, local_indices, keys=keys)
+        if transform is not None:
+            batch = transform(batch)
+        if with_index:
+            batch = {**batch, "index": np.asarray(local_indices, np.int32)}
+        return batch
+
     dataset = (
         grain.MapDataset.range(indices.batches_per_epoch)
         .repeat()
         .map_with_index(indices)
         .map(lambda global_indices: global_indices[local])
-        .map(lambda local_indices: read(source, local_indices, keys=keys))
+        .map(load)
     )
-    if transform is not None:
-        dataset = dataset.map(transform)
     if augmentation is not None:
         # The view of step k is a function of (seed, k): a resumed run sees the same.
         dataset = dataset.map_with_index(
@@ -383,6 +390,8 @@ class TrainLoader(grain.DatasetIterator):
             ``(seed, step)`` (:mod:`experiments.data.augment`); when not
             ``consistent``, the batch also holds the teacher's own view
             ``teacher_image`` float32 [B_local, ...].
+        with_index: also yield each example's index in ``source`` as ``index`` int32
+            [B_local] (what a memory bank of the training set is indexed by).
 
     Attributes:
         dataset: the pipeline, a ``grain.MapDataset``: ``dataset[k]`` is the batch
@@ -402,6 +411,7 @@ class TrainLoader(grain.DatasetIterator):
         process_count: int | None = None,
         read_options: grain.ReadOptions | None = None,
         augmentation: Augmentation | None = None,
+        with_index: bool = False,
     ):
         to_batch = ClassificationBatch(image_key, label_key, normalize)
         self._indices = GlobalBatchIndices(
@@ -417,6 +427,7 @@ class TrainLoader(grain.DatasetIterator):
             keys=to_batch.keys,
             transform=to_batch,
             augmentation=augmentation,
+            with_index=with_index,
         )
         read_options = read_options or default_read_options(source)
         super().__init__(iter(self.dataset.to_iter_dataset(read_options)))
