@@ -36,6 +36,7 @@ from jaxkd.train._metrics import (
     prediction_pairs,
     top1_agreement,
 )
+from jaxkd.train._mutual import make_mutual_learning_step, mutual_learning_objective
 from jaxkd.train._objectives import (
     cross_entropy_objective,
     distillation_objective,
@@ -55,6 +56,8 @@ from jaxkd.train._teachers import (
 
 __all__ = [
     "crd_objective",
+    "make_mutual_learning_step",
+    "mutual_learning_objective",
     "mutual_information",
     "mutual_information_of_labels",
     "prediction_joint_counts",
