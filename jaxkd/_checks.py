@@ -182,7 +182,9 @@ def check_labels(labels, logits_shape: tuple[int, ...], axis: int, where=None) -
         )
     if not is_concrete(labels) or (where is not None and not is_concrete(where)):
         return
-    where = normalize_where(where, logits_shape, axis)  # any accepted mask shape
+    # Any accepted mask shape; computed now, even inside a trace (concrete inputs).
+    with jax.ensure_compile_time_eval():
+        where = normalize_where(where, logits_shape, axis)
     num_classes = logits_shape[axis]
     values = np.asarray(labels)
     kept_classes = None

@@ -514,3 +514,17 @@ def test_traced_labels_are_accepted_under_jit():
     want = jaxkd.cross_entropy_with_integer_labels(TEACHER, LABELS)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(got, np.log(3.0), rtol=1e-6)
+
+
+def test_label_range_is_checked_for_numpy_constants_captured_under_jit():
+    """Labels and mask closed over by a jitted function are concrete: still checked."""
+    mask = np.array([True, False, True])
+    logits = jnp.zeros((3, 4))
+    padded = np.array([0, 9, 2])  # the out-of-range label is masked: fine
+    values = jax.jit(lambda z: jaxkd.cross_entropy_with_integer_labels(z, padded, where=mask))(
+        logits
+    )
+    np.testing.assert_allclose(values, [np.log(4), 0.0, np.log(4)], rtol=1e-6)
+    bad = np.array([0, 1, 7])
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 4\)"):
+        jax.jit(lambda z: jaxkd.cross_entropy_with_integer_labels(z, bad, where=mask))(logits)
