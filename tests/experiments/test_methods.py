@@ -111,3 +111,15 @@ def test_a_changed_feature_weight_makes_the_distilled_run_stale(tmp_path, hinted
     )
     with pytest.raises(ExperimentError, match=r"distill.feature: .*'weight': 0.5.*'weight': 2.0"):
         train.train_and_evaluate(changed, str(copy))
+
+
+@pytest.mark.parametrize("method", ["ctkd", "confidence_temperature", "gap_alpha"])
+def test_mnist1d_dynamic_configs_validate_and_build_their_objective(method):
+    from experiments.configs import mnist1d_dynamic
+
+    config = mnist1d_dynamic.get_config(f"{method},quick")
+    train.validate(config, jax.device_count())
+    objective = train.dynamic_objective(config)
+    assert callable(objective)
+    with pytest.raises(ValueError, match="Unknown method 'fixed'"):
+        mnist1d_dynamic.get_config("fixed")
