@@ -33,15 +33,7 @@ MOMENTUM = 0.5
 WEIGHT = 0.8
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation():
-    """Most XLA optimizations off: compiling is most of this file's time, and what these
-    tests check does not depend on how well XLA optimizes."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,14 +15,7 @@ from flax import nnx
 import jaxkd
 from tests import toy
 
-
-@pytest.fixture(autouse=True)
-def _fast_compilation():
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 class Staged(nn.Module):

@@ -19,13 +19,7 @@ from tests import toy
 B, C = 6, 5
 
 
-@pytest.fixture(autouse=True)
-def _fast_compilation():
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _data():

@@ -36,14 +36,7 @@ LOGITS = tuple(random_logits(seed, (6, 5)) for seed in (1, 2, 3))
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """Compiles with most XLA optimizations off: compiling is most of this file's time."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def reference_dml(logits, labels, mask, temperature, kd_weight):

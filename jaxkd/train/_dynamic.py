@@ -28,12 +28,14 @@ from jaxkd.parallel._reductions import masked_means
 from jaxkd.train._objectives import Objective, example_mask, kd_metrics, logits_of
 
 
-def _terms(student_out, teacher_out, batch, temperature, *, label_key, mask_key, axis_name):
-    """``(kd, ce)`` means over the global batch; ``temperature`` a scalar or ``[B]``.
+def _hinton(student_out, teacher_out, batch, temperature, alpha, *, keys, axis_name):
+    """``(alpha * kd + (1 - alpha) * ce, kd, ce)``, means over the global batch;
+    ``temperature`` a scalar or ``[B]``; ``keys`` the batch's ``(label_key, mask_key)``.
 
     A per-example temperature ``T_i`` gives ``T_i^2 KL(p_t^{T_i} || p_s^{T_i})``:
     both logit rows divided by ``T_i`` at temperature 1, then scaled by ``T_i^2``.
     """
+    label_key, mask_key = keys
     student_logits = logits_of(student_out)
     teacher_logits = jax.lax.stop_gradient(logits_of(teacher_out))
     mask = batch.get(mask_key)
@@ -48,7 +50,7 @@ def _terms(student_out, teacher_out, batch, temperature, *, label_key, mask_key,
         )
     ce = cross_entropy_with_integer_labels(student_logits, batch[label_key], where=mask)
     means = masked_means({"kd": (kd, kept), "ce": (ce, kept)}, axis_name=axis_name)
-    return means["kd"], means["ce"]
+    return alpha * means["kd"] + (1.0 - alpha) * means["ce"], means["kd"], means["ce"]
 
 
 @jax.custom_vjp
@@ -140,16 +142,15 @@ def ctkd_objective(
         strength = cosine_ramp(step, steps=curriculum_steps, maximum=max_strength)
         theta = reverse_gradient(distill_params["temperature"], strength)
         temperature = min_temperature + span * jax.nn.sigmoid(theta)
-        kd, ce = _terms(
+        total, kd, ce = _hinton(
             student_out,
             teacher_out,
             batch,
             temperature,
-            label_key=label_key,
-            mask_key=mask_key,
+            alpha,
+            keys=(label_key, mask_key),
             axis_name=axis_name,
         )
-        total = alpha * kd + (1.0 - alpha) * ce
         metrics = kd_metrics(total, kd, ce, jnp.float32(alpha), temperature)
         return total, {**metrics, "reversal_strength": strength}
 
@@ -206,18 +207,17 @@ def confidence_temperature_objective(
         temperatures = confidence_temperatures(
             teacher_logits, min_temperature=min_temperature, max_temperature=max_temperature
         )
-        kd, ce = _terms(
+        total, kd, ce = _hinton(
             student_out,
             teacher_out,
             batch,
             temperatures,
-            label_key=label_key,
-            mask_key=mask_key,
+            alpha,
+            keys=(label_key, mask_key),
             axis_name=axis_name,
         )
         kept = example_mask(batch.get(mask_key), teacher_logits)
         mean_temperature = masked_means({"t": (temperatures, kept)}, axis_name=axis_name)["t"]
-        total = alpha * kd + (1.0 - alpha) * ce
         return total, kd_metrics(total, kd, ce, jnp.float32(alpha), mean_temperature)
 
     return objective
@@ -259,16 +259,15 @@ def gap_alpha_objective(
         kept = example_mask(mask, student_logits)
         gap = masked_means({"gap": (gap, kept)}, axis_name=axis_name)["gap"]
         alpha = gap_alpha(gap, max_alpha=max_alpha, scale=scale)
-        kd, ce = _terms(
+        total, kd, ce = _hinton(
             student_out,
             teacher_out,
             batch,
             temperature,
-            label_key=label_key,
-            mask_key=mask_key,
+            alpha,
+            keys=(label_key, mask_key),
             axis_name=axis_name,
         )
-        total = alpha * kd + (1.0 - alpha) * ce
         metrics = kd_metrics(total, kd, ce, alpha, jnp.float32(temperature), gap=gap)
         return total, metrics
 
