@@ -16,7 +16,7 @@ from experiments import data, models
 from experiments.errors import ExperimentError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -198,6 +198,57 @@ def _method_note(config) -> str:
     return "".join(parts)
 
 
+def published_table(summary: dict[str, dict[str, Any]], config) -> str:
+    """Published accuracies beside ours, when ``config.anchor`` names a published pair.
+
+    Rows: the teacher, the student from scratch and the distilled student (under the
+    config's method), each where the paper has a number
+    (:mod:`experiments.configs.anchors`); columns: our test accuracy (mean ± std over
+    seeds, in %) and the published one with its source.
+
+    Returns:
+      A markdown paragraph and table, or ``""`` (no ``config.anchor``, an unknown
+      pair, or nothing published for these runs).
+    """
+    from experiments.configs import anchors
+
+    anchor = config.get("anchor")
+    pair = anchor.get("pair") if anchor is not None else None
+    if not pair or pair not in anchors.PUBLISHED:
+        return ""
+    method = anchor.get("method")
+    lines = []
+    for kind, key in (("teacher", "teacher"), ("scratch", "student"), ("distilled", method)):
+        published = anchors.published(pair, key)
+        if published is None or kind not in summary:
+            continue
+        entry = summary[kind]
+        stats = entry["accuracy"]
+        ours = format_mean_std(
+            {
+                "mean": 100 * stats["mean"],
+                "std": 100 * stats["std"],
+                "values": stats["values"],
+            },
+            "{:.2f}",
+        )
+        title = RUN_TITLES[kind] + (f" ({method})" if kind == "distilled" else "")
+        lines.append(
+            f"| {title} | {entry['model']} | {ours} | {published.accuracy:.2f} | "
+            f"{published.source} |"
+        )
+    if not lines:
+        return ""
+    header = [
+        f"Published top-1 test accuracy (%) of {pair} on CIFAR-100 beside ours (the papers: "
+        "best epoch on the test set; ours: final):",
+        "",
+        "| run | model | ours | published (paper) | source |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines)
+
+
 def write_report(
     results: Sequence[dict[str, Any]],
     config,
@@ -207,7 +258,8 @@ def write_report(
     """Writes results.md, results.json (strict JSON) and training_curves.png.
 
     Returns:
-      The title, the note on the data (with ``data_sizes``) and the table.
+      The title, the note on the data (with ``data_sizes``) and the table; for a
+      published pair (``config.anchor``), then the :func:`published_table`.
     """
     summary = summarize(results)
     table = markdown_table(summary)
@@ -227,4 +279,9 @@ def write_report(
         kind: [os.path.join(workdir, f"seed_{seed}", kind) for seed in seeds] for kind in RUN_TITLES
     }
     plot_curves(rundirs, os.path.join(workdir, "training_curves.png"))
+    published = published_table(summary, config)
+    if published:
+        with open(os.path.join(workdir, "results.md"), "a") as f:
+            f.write(f"\n{published}\n")
+        text = f"{text}\n\n{published}"
     return text

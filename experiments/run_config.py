@@ -62,6 +62,10 @@ def run_fields(
         names.append("momentum")
     if config.optimizer in ("sgd", "adamw"):
         names.append("weight_decay")
+    if config.optimizer == "sgd" and "nesterov" in config:
+        names.append("nesterov")
+    if config.schedule == "step":
+        names += ["decay_steps", "decay_factor"]
     if kind != "teacher":
         names += _STUDENT
     if kind == "distilled":

@@ -49,7 +49,7 @@ import optax
 from tqdm.auto import tqdm
 
 import jaxkd
-from experiments import cache_teacher, data, jsonfiles, models, run_config
+from experiments import cache_teacher, data, jsonfiles, methods, models, run_config
 from experiments.checkpointing import RunCheckpointer
 from experiments.checks import check_workdir, validate_config
 from experiments.data import augment
@@ -58,8 +58,6 @@ from experiments.data.teacher_cache import DTYPES, CachedTeacherLoader, TeacherC
 from experiments.errors import ExperimentError
 from experiments.interrupt import Interrupted, StopOnInterrupt
 from experiments.interrupt import message as interrupt_message
-from jaxkd.train._dynamic import DYNAMIC_OBJECTIVES
-from jaxkd.train._feature_objective import FEATURE_LOSSES, PROJECTORS
 from jaxkd.train._sparse_objective import SPARSE_LOSSES, sparse_distillation_objective
 
 RUNS = ("teacher", "scratch", "distilled")  # the teacher and the default student_runs
@@ -162,29 +160,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         fail(f"cache.batch_size={cache.batch_size} must be >= 0 (0: batch_size).")
     if cache.loss not in SPARSE_LOSSES:
         fail(f"cache.loss={cache.loss!r}; expected one of {sorted(SPARSE_LOSSES)}.")
-    feature = config.distill.feature
-    if feature.loss:
-        losses = sorted([*FEATURE_LOSSES, "crd"])
-        if feature.loss not in losses:
-            fail(f"distill.feature.loss={feature.loss!r}; expected '' or one of {losses}.")
-        if not (feature.student and feature.teacher):
-            fail(
-                f"distill.feature.loss={feature.loss!r} needs the feature paths "
-                "distill.feature.student and distill.feature.teacher."
-            )
-        if feature.projector not in PROJECTORS:
-            fail(f"distill.feature.projector={feature.projector!r}; expected one of {PROJECTORS}.")
-        if "distilled_cached" in kinds:
-            fail("distill.feature.loss needs the teacher's features: not with distilled_cached.")
-    method = config.distill.dynamic.method
-    if ("distilled_dynamic" in kinds) != bool(method):
-        fail(
-            f"distill.dynamic.method={method!r} and student_runs={kinds}: the "
-            f"distilled_dynamic run needs a method among {sorted(DYNAMIC_OBJECTIVES)}, and a "
-            "method needs that run."
-        )
-    if method and method not in DYNAMIC_OBJECTIVES:
-        fail(f"distill.dynamic.method={method!r}; expected one of {sorted(DYNAMIC_OBJECTIVES)}.")
+    methods.check(config, kinds, fail)
     try:
         augment.check_config(config, data.get_spec(config.dataset).input_shape)
     except ValueError as error:
@@ -195,7 +171,7 @@ def cached_objective(config: ml_collections.ConfigDict):
     """The ``distilled_cached`` objective: the distilled one on the cached full logits,
     or ``cache.loss`` (with distill's alpha and temperature) on a top-k cache."""
     if not config.cache.k:
-        return logit_objective(config)
+        return methods.logit_objective(config)
     return sparse_distillation_objective(
         config.cache.loss,
         alpha=config.distill.alpha,
@@ -203,50 +179,6 @@ def cached_objective(config: ml_collections.ConfigDict):
         cache_temperature=config.distill.temperature,
         label_key="label",
     )
-
-
-def logit_objective(config: ml_collections.ConfigDict):
-    """The logit term of ``config.distill`` (loss, alpha, temperature, loss_kwargs)."""
-    return jaxkd.distillation_objective(
-        config.distill.loss,
-        alpha=config.distill.alpha,
-        temperature=config.distill.temperature,
-        loss_kwargs=config.distill.loss_kwargs.to_dict(),
-    )
-
-
-def distillation_objective(config: ml_collections.ConfigDict, num_train: int | None = None):
-    """The ``distilled`` objective of ``config.distill``: its logit term, plus its
-    feature term when ``distill.feature.loss`` is set (CRD needs ``num_train``, the
-    size of its memory banks)."""
-    logits = logit_objective(config)
-    feature = config.distill.feature
-    if not feature.loss:
-        return logits
-    names = dict(student_feature="student", teacher_feature="teacher", base=logits)
-    if feature.loss == "crd":
-        return jaxkd.crd_objective(
-            num_data=num_train, weight=feature.weight, **names, **feature.loss_kwargs.to_dict()
-        )
-    return jaxkd.feature_objective(
-        feature.loss,
-        weight=feature.weight,
-        projector=feature.projector,
-        loss_kwargs=feature.loss_kwargs.to_dict(),
-        **names,
-    )
-
-
-def dynamic_objective(config: ml_collections.ConfigDict):
-    """The ``distilled_dynamic`` objective: ``distill.dynamic.method`` with its
-    ``kwargs``, starting from ``distill``'s alpha and temperature where it has them."""
-    method = config.distill.dynamic.method
-    defaults = {
-        "ctkd": dict(alpha=config.distill.alpha, initial_temperature=config.distill.temperature),
-        "confidence_temperature": dict(alpha=config.distill.alpha),
-        "gap_alpha": dict(temperature=config.distill.temperature),
-    }[method]
-    return DYNAMIC_OBJECTIVES[method](**{**defaults, **config.distill.dynamic.kwargs.to_dict()})
 
 
 class Experiment:
@@ -320,7 +252,8 @@ class Experiment:
                 global_batch_size=self.config.batch_size,
                 seed=seed,
                 augmentation=augmentation,
-                with_index=self.uses_features(kind) and self.config.distill.feature.loss == "crd",
+                with_index=self.uses_features(kind)
+                and "crd" in self.config.distill.feature.loss.split(","),
             )
         teacher = teacher_cache.read(np.arange(len(teacher_cache)))
         return CachedTeacherLoader(
@@ -363,7 +296,7 @@ class Experiment:
             config, "distilled" if kind in STUDENT_RUNS[1:] else kind, seed, self.data_sizes
         )
         fields.update(jsonfiles.strict(augment.run_fields(config, kind)))
-        if kind == "distilled" and config.distill.feature.loss:
+        if self.uses_features(kind, config):
             fields["distill.feature"] = config.distill.feature.to_dict()
         if kind == "distilled_dynamic":
             fields["distill.dynamic"] = config.distill.dynamic.to_dict()
@@ -373,9 +306,9 @@ class Experiment:
                 fields["cache.loss"] = config.cache.loss
         return fields
 
-    def uses_features(self, kind: str | None) -> bool:
+    def uses_features(self, kind: str | None, config=None) -> bool:
         """Whether run ``kind`` compares intermediate features (``distill.feature``)."""
-        return kind == "distilled" and bool(self.config.distill.feature.loss)
+        return kind == "distilled" and bool((config or self.config).distill.feature.loss)
 
     def applies(self, kind: str, model, teacher_apply):
         """``(student apply, teacher apply)`` of run ``kind``'s train step: with the
@@ -385,11 +318,11 @@ class Experiment:
             return jaxkd.linen_apply(model), None
         if not self.uses_features(kind):
             return jaxkd.linen_apply(model), teacher_apply
-        feature = self.config.distill.feature
+        student, teacher = methods.feature_paths(self.config)
         teacher_model, _ = self._teacher
         return (
-            jaxkd.linen_apply(model, features={"student": feature.student}),
-            jaxkd.linen_teacher_apply(teacher_model, features={"teacher": feature.teacher}),
+            jaxkd.linen_apply(model, features=student),
+            jaxkd.linen_teacher_apply(teacher_model, features=teacher),
         )
 
     def check_runs(self, planned: dict[str, dict[str, Any]], *, overwrite: bool) -> None:
@@ -677,9 +610,9 @@ def train_and_evaluate(
             f.write(config.to_json_best_effort(indent=2))
     builders = {
         "scratch": jaxkd.cross_entropy_objective,
-        "distilled": lambda: distillation_objective(config, experiment.data_sizes["train"]),
+        "distilled": lambda: methods.distillation_objective(config, experiment.data_sizes["train"]),
         "distilled_cached": lambda: cached_objective(config),
-        "distilled_dynamic": lambda: dynamic_objective(config),
+        "distilled_dynamic": lambda: methods.dynamic_objective(config),
     }
     objectives = {kind: builders[kind]() for kind in kinds}
     student_model = experiment.model("student")

@@ -11,6 +11,7 @@ Every model is called as ``model(x, train=...)`` and returns float32 logits
     logits, model_state = apply(params, model_state, images, train=True, rng=dropout_key)
 """
 
+from experiments.models.autoencoder import Autoencoder
 from experiments.models.functional import (
     ApplyFn,
     ModelState,
@@ -22,7 +23,7 @@ from experiments.models.functional import (
 from experiments.models.mlp import MLP
 from experiments.models.mnist1d import Mnist1DCNN
 from experiments.models.mobilenet import InvertedResidual, MobileNetV2
-from experiments.models.registry import MODEL_NAMES, get_model
+from experiments.models.registry import FEATURE_LAYERS, MODEL_NAMES, get_model
 from experiments.models.resnet import (
     BasicBlock,
     CifarResNet,
@@ -31,8 +32,11 @@ from experiments.models.resnet import (
     resnet32x4,
     resnet56,
 )
+from experiments.models.wrn import PreActBlock, WideResNet, wrn_16_2, wrn_40_2
 
 __all__ = [
+    "Autoencoder",
+    "FEATURE_LAYERS",
     "MLP",
     "MODEL_NAMES",
     "ApplyFn",
@@ -43,6 +47,8 @@ __all__ = [
     "MobileNetV2",
     "ModelState",
     "Params",
+    "PreActBlock",
+    "WideResNet",
     "get_model",
     "init_model",
     "make_apply",
@@ -51,4 +57,6 @@ __all__ = [
     "resnet20",
     "resnet32x4",
     "resnet56",
+    "wrn_16_2",
+    "wrn_40_2",
 ]

@@ -9,6 +9,11 @@ With ``width_multiplier=0.5`` and 100 classes the model has 815,780 parameters,
 close to the 0.81M of the half-width MobileNetV2 student in the CRD benchmark
 (whose layer layout differs in details).
 
+Features for distillation (see ``FEATURE_LAYERS`` in the registry): the last block
+of each resolution (``stage1_block1`` 32x32, ``stage2_block2`` 16x16,
+``stage4_block2`` 8x8, ``stage6_block0`` 4x4 for 32x32 inputs: the blocks whose
+outputs CRD's code hands to feature losses) and the pooled embedding ``pooled``.
+
 References:
   MobileNetV2: Inverted Residuals and Linear Bottlenecks. Mark Sandler, Andrew
   Howard, Menglong Zhu, Andrey Zhmoginov, Liang-Chieh Chen, 2018.
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.models._common import Dtype, as_images, batch_norm, conv
+from experiments.models.resnet import GlobalAveragePool
 
 # (expansion t, output channels c, repeats n, first stride s) per stage, as in
 # Table 2 of Sandler et al. (2018) but with the second stage at stride 1.
@@ -132,7 +138,7 @@ class MobileNetV2(nn.Module):
         last = make_divisible(self.last_features * max(1.0, self.width_multiplier))
         x = conv(last, 1, dtype=self.dtype, name="last_conv")(x)
         x = nn.relu6(batch_norm(train=train, dtype=self.dtype, name="last_bn")(x))
-        x = jnp.mean(x, axis=(1, 2))
+        x = GlobalAveragePool(name="pooled")(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         return x.astype(jnp.float32)

@@ -10,11 +10,26 @@
 - ``mnist1d_mlp``: MNIST-1D MLP 40-100-100-10 (15,210 params); [B, 40].
 - ``resnet20``, ``resnet56``: CIFAR ResNets, widths 16/16/32/64; [B, 32, 32, 3].
 - ``resnet8x4``, ``resnet32x4``: CRD ResNets, widths 32/64/128/256; [B, 32, 32, 3].
+- ``wrn_40_2``, ``wrn_16_2``: CRD wide ResNets (pre-activation), widths 32/64/128;
+  [B, 32, 32, 3].
 - ``mobilenet_small``: MobileNetV2 with width multiplier 0.5 and small-image strides;
   [B, H, W, C] (32x32 and other small images).
 
 Keyword arguments go to the model's constructor and override the preset
 (e.g. ``dtype=jnp.bfloat16``, ``dropout_rate=0.1``, ``width_multiplier=0.75``).
+
+``FEATURE_LAYERS[name]`` gives, for the CIFAR models, the paths of the intermediate
+values that feature and relational distillation methods compare, for
+``jaxkd.linen_apply(model, features=...)`` (module paths: the output of that
+submodule is taken; the model itself is unchanged):
+
+- ``stage1`` ... ``stage3`` (``stage4`` for MobileNetV2): the last feature map of
+  each stage, [B, H, W, C], numbered as in the feature lists of CRD's code
+  (``feat[1]`` ... ``feat[-2]``): after each ResNet stage's last ReLU, the sum of
+  each WRN group's last (pre-activation) block, the last MobileNetV2 block of each
+  resolution;
+- ``pooled``: the globally averaged embedding before the classifier, [B, C]
+  (CRD's ``feat[-1]``).
 """
 
 from collections.abc import Callable
@@ -25,6 +40,7 @@ from experiments.models.mlp import MLP
 from experiments.models.mnist1d import Mnist1DCNN
 from experiments.models.mobilenet import MobileNetV2
 from experiments.models.resnet import resnet8x4, resnet20, resnet32x4, resnet56
+from experiments.models.wrn import wrn_16_2, wrn_40_2
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -60,11 +76,45 @@ _FACTORIES: dict[str, ModelFactory] = {
     "resnet56": resnet56,
     "resnet8x4": resnet8x4,
     "resnet32x4": resnet32x4,
+    "wrn_40_2": wrn_40_2,
+    "wrn_16_2": wrn_16_2,
     "mobilenet_small": _mobilenet_small,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 """Every name ``get_model`` accepts."""
+
+
+def _stage_paths(blocks_per_stage: tuple[int, ...], **named: str) -> dict[str, str]:
+    """``{"stage1": "stage0_block{n0 - 1}", ...}`` (the last block of each stage), then
+    ``named`` (such as ``pooled``)."""
+    paths = {
+        f"stage{stage + 1}": f"stage{stage}_block{blocks - 1}"
+        for stage, blocks in enumerate(blocks_per_stage)
+    }
+    return {**paths, **named}
+
+
+FEATURE_LAYERS: dict[str, dict[str, str]] = {
+    # CifarResNet: (depth - 2) / 6 blocks per stage.
+    "resnet20": _stage_paths((3, 3, 3), pooled="pooled"),
+    "resnet56": _stage_paths((9, 9, 9), pooled="pooled"),
+    "resnet8x4": _stage_paths((1, 1, 1), pooled="pooled"),
+    "resnet32x4": _stage_paths((5, 5, 5), pooled="pooled"),
+    # WideResNet: (depth - 4) / 6 blocks per group.
+    "wrn_40_2": _stage_paths((6, 6, 6), pooled="pooled"),
+    "wrn_16_2": _stage_paths((2, 2, 2), pooled="pooled"),
+    # MobileNetV2 (SMALL_IMAGE_STAGES): the last block at each resolution, 32x32
+    # (stages 0-1), 16x16 (stage 2), 8x8 (stages 3-4) and 4x4 (stages 5-6).
+    "mobilenet_small": {
+        "stage1": "stage1_block1",
+        "stage2": "stage2_block2",
+        "stage3": "stage4_block2",
+        "stage4": "stage6_block0",
+        "pooled": "pooled",
+    },
+}
+"""Feature paths by model name, then by feature name (see the module docstring)."""
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:

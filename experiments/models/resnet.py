@@ -15,6 +15,11 @@ Parameter counts for 100 classes (BatchNorm scales and biases included, running
 statistics not): resnet20 278,324; resnet56 861,620; resnet8x4 1,233,540;
 resnet32x4 7,433,860; the CRD paper reports 0.28M, 0.86M, 1.23M and 7.43M.
 
+Features for distillation (see ``FEATURE_LAYERS`` in the registry): each stage's
+last block ``stage{s}_block{n-1}`` (its output, after the ReLU) and the pooled
+embedding ``pooled`` [B, C], the module outputs that CRD's code hands to feature
+losses. Capturing them (``capture_intermediates``) changes nothing in the model.
+
 References:
   Deep Residual Learning for Image Recognition. Kaiming He, Xiangyu Zhang,
   Shaoqing Ren, Jian Sun, 2016. https://arxiv.org/abs/1512.03385
@@ -29,6 +34,15 @@ import jax
 import jax.numpy as jnp
 
 from experiments.models._common import Dtype, as_images, batch_norm, conv
+
+
+class GlobalAveragePool(nn.Module):
+    """Mean over the spatial axes, [B, H, W, C] -> [B, C]: a parameter-free module, so
+    that the pooled embedding is a module output that feature methods can capture."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.mean(x, axis=(1, 2))
 
 
 class BasicBlock(nn.Module):
@@ -104,7 +118,7 @@ class CifarResNet(nn.Module):
                 x = BasicBlock(
                     width, strides=strides, dtype=self.dtype, name=f"stage{stage}_block{block}"
                 )(x, train=train)
-        x = jnp.mean(x, axis=(1, 2))
+        x = GlobalAveragePool(name="pooled")(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         return x.astype(jnp.float32)
 

@@ -54,6 +54,7 @@ from jaxkd.losses._crd import (
 )
 from jaxkd.losses._feature_losses import _HIGHEST, _safe_normalize
 from jaxkd.parallel._reductions import gather_examples, masked_means, masked_sum_and_count
+from jaxkd.train._feature_objective import call_base, init_base
 from jaxkd.train._objectives import Objective, accepts_keyword
 
 PyTree = Any
@@ -251,13 +252,13 @@ def crd_objective(
         return student, jax.lax.stop_gradient(teacher)
 
     def init(rng, student_out, teacher_out, batch):
-        del batch
         features = both_features(student_out, teacher_out)
         keys = jax.random.split(rng, 4)
         distill_params = {
             f"{side}_embed": _linear_head(key, array.shape[1], feature_dim)
             for side, key, array in zip(_SIDES, keys[:2], features, strict=True)
         }
+        distill_params.update(init_base(base, rng, student_out, teacher_out, batch))
         distill_state = {
             **{
                 f"{side}_bank": init_memory_bank(key, num_data, feature_dim)
@@ -324,7 +325,9 @@ def crd_objective(
             base_kwargs = {"axis_name": axis_name} if base_takes_axis else {}
             if axis_name is not None and not base_takes_axis:
                 raise TypeError("The `base` objective takes no `axis_name`: it cannot run here.")
-            base_loss, base_metrics = base(student_out, teacher_out, batch, step, **base_kwargs)
+            base_loss, base_metrics = call_base(
+                base, distill_params, student_out, teacher_out, batch, step, **base_kwargs
+            )
             metrics = {**base_metrics, "base_loss": base_loss, **metrics}
             total = total + base_loss
         metrics["loss"] = total

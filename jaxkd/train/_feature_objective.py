@@ -75,9 +75,25 @@ def init_distillation(
     return init(rng, student_out, teacher_out, batch)
 
 
-def _call_base(base, distill_params, *args, axis_name):
-    """The base objective's ``(loss, metrics)``, with its distillation params if any."""
-    kwargs = {"axis_name": axis_name}
+def init_base(base: Objective | None, rng, student_out, teacher_out, batch) -> dict:
+    """``{"base": params}`` of a wrapped objective with trainable parts, else ``{}``.
+
+    Objectives that wrap another (``base``) keep its parameters under ``"base"``;
+    a base with a ``distill_state`` (a memory bank) must be the outermost one.
+    """
+    if base is None or getattr(base, "init", None) is None:
+        return {}
+    params, state = base.init(jax.random.fold_in(rng, 1), student_out, teacher_out, batch)
+    if jax.tree.leaves(state):
+        raise ValueError(
+            "A `base` objective with a distill_state (e.g. CRD's memory banks) must be the "
+            "outermost objective: wrap the others in it instead."
+        )
+    return {"base": params}
+
+
+def call_base(base: Objective, distill_params, *args, **kwargs):
+    """The base objective's ``(loss, metrics)``, given its distillation params if any."""
     if getattr(base, "init", None) is not None:
         kwargs["distill_params"] = distill_params["base"]
     return base(*args, **kwargs)
@@ -152,12 +168,7 @@ def feature_objective(
                 "kernel": jax.nn.initializers.lecun_normal()(rng, shape, jnp.float32),
                 "bias": jnp.zeros(shape[-1:], jnp.float32),
             }
-        if base is not None and getattr(base, "init", None) is not None:
-            params["base"], state = base.init(
-                jax.random.fold_in(rng, 1), student_out, teacher_out, batch
-            )
-            if jax.tree.leaves(state):
-                raise ValueError("feature_objective takes no base objective with a distill_state.")
+        params.update(init_base(base, rng, student_out, teacher_out, batch))
         return params, {}
 
     def objective(student_out, teacher_out, batch, step, *, axis_name=None, distill_params):
@@ -174,7 +185,7 @@ def feature_objective(
         if base is None:
             base_loss, metrics = jnp.zeros((), value.dtype), {}
         else:
-            base_loss, metrics = _call_base(
+            base_loss, metrics = call_base(
                 base, distill_params, student_out, teacher_out, batch, step, axis_name=axis_name
             )
         total = base_loss + weight_now * value

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jaxkd
-from experiments import data, models, train
+from experiments import data, methods, models, train
 from experiments.configs import base, mnist1d_function_matching
 from experiments.data.augment import (
     TEACHER_VIEW,
@@ -303,7 +303,7 @@ def test_function_matching_config_one_distilled_step(tmp_path, monkeypatch):
             "distilled",
             0,
             experiment.model("student"),
-            train.distillation_objective(config),
+            methods.distillation_objective(config),
             steps=1,
             learning_rate=config.learning_rate,
             teacher=teacher,

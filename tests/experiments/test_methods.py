@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from experiments import train
+from experiments import methods, train
 from experiments.configs import digits
 from experiments.errors import ExperimentError
 
@@ -119,7 +119,7 @@ def test_mnist1d_dynamic_configs_validate_and_build_their_objective(method):
 
     config = mnist1d_dynamic.get_config(f"{method},quick")
     train.validate(config, jax.device_count())
-    objective = train.dynamic_objective(config)
+    objective = methods.dynamic_objective(config)
     assert callable(objective)
     with pytest.raises(ValueError, match="Unknown method 'fixed'"):
         mnist1d_dynamic.get_config("fixed")

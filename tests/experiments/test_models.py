@@ -14,6 +14,7 @@ from experiments.models import (
     make_apply,
     param_count,
 )
+from experiments.models.wrn import PreActBlock, WideResNet
 
 BATCH = 2
 NUM_CLASSES = 7
@@ -28,9 +29,19 @@ INPUT_SHAPES = {
     "resnet56": (BATCH, 32, 32, 3),
     "resnet8x4": (BATCH, 32, 32, 3),
     "resnet32x4": (BATCH, 32, 32, 3),
+    "wrn_40_2": (BATCH, 32, 32, 3),
+    "wrn_16_2": (BATCH, 32, 32, 3),
     "mobilenet_small": (BATCH, 32, 32, 3),
 }
-BATCH_NORM_MODELS = {"resnet20", "resnet56", "resnet8x4", "resnet32x4", "mobilenet_small"}
+BATCH_NORM_MODELS = {
+    "resnet20",
+    "resnet56",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_40_2",
+    "wrn_16_2",
+    "mobilenet_small",
+}
 
 
 def _inputs(shape, seed=0):
@@ -133,6 +144,91 @@ def test_cifar_resnet_param_counts_exact():
     # 1x1-conv + BN shortcut in every stage, head 256 * 100 + 100.
     params, _ = _abstract_params(get_model("resnet8x4", 100), INPUT_SHAPES["resnet8x4"])
     assert param_count(params) == 1_233_540
+
+
+def _wrn_reference_count(depth, widen_factor, num_classes):
+    """Parameters of the CRD benchmark's WRN (RepDistiller's models/wrn.py), layer by
+    layer: a 3x3 stem conv to 16 channels; per block BN(in), 3x3 conv in->out, BN(out),
+    3x3 conv out->out and a 1x1 conv shortcut where in != out; a final BN and the
+    classifier. Convolutions have no bias; a BN has a scale and a bias."""
+    count, channels = 3 * 16 * 9, 16
+    for width in (16 * widen_factor, 32 * widen_factor, 64 * widen_factor):
+        for _ in range((depth - 4) // 6):
+            count += 2 * channels + channels * width * 9 + 2 * width + width * width * 9
+            count += channels * width if channels != width else 0
+            channels = width
+    return count + 2 * channels + channels * num_classes + num_classes
+
+
+@pytest.mark.parametrize(
+    "name, depth, published",
+    # 2.26M and 0.70M, as the CRD benchmark's networks are usually counted.
+    [("wrn_40_2", 40, 2.26e6), ("wrn_16_2", 16, 0.70e6)],
+)
+def test_wrn_param_counts_match_the_reference_layout(name, depth, published):
+    params, _ = _abstract_params(get_model(name, 100), INPUT_SHAPES[name])
+    assert param_count(params) == _wrn_reference_count(depth, 2, 100)
+    assert param_count(params) == {"wrn_40_2": 2_255_156, "wrn_16_2": 703_284}[name]
+    assert abs(param_count(params) - published) <= 0.005 * published
+
+
+def _conv_nhwc(x, kernel, stride):
+    """float64 'same'-padded convolution, [B, H, W, C] * [k, k, C, O], pad (k - 1) // 2."""
+    k = kernel.shape[0]
+    pad = (k - 1) // 2
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out_h = (x.shape[1] - k) // stride + 1
+    out_w = (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            patch = x[:, i : i + stride * out_h : stride, j : j + stride * out_w : stride]
+            out += np.einsum("bhwc,co->bhwo", patch, kernel[i, j])
+    return out
+
+
+def test_preact_block_matches_a_numpy_reference():
+    # Width 4 -> 6 at stride 2: the shortcut is a 1x1 conv of relu(bn(x)), not of x.
+    block = PreActBlock(6, strides=2)
+    x = np.asarray(_inputs((2, 6, 6, 4)), np.float64)
+    shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda leaf: rng.normal(size=leaf.shape), shapes["params"])
+    stats = {  # running statistics away from their (0, 1) init
+        name: {
+            "mean": rng.normal(size=leaf["mean"].shape),
+            "var": rng.uniform(0.5, 2.0, leaf["var"].shape),
+        }
+        for name, leaf in shapes["batch_stats"].items()
+    }
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(a, jnp.float32), {"params": params, "batch_stats": stats}
+    )
+
+    def bn(y, name):
+        normalized = (y - stats[name]["mean"]) / np.sqrt(stats[name]["var"] + 1e-5)
+        return normalized * params[name]["scale"] + params[name]["bias"]
+
+    activated = np.maximum(bn(x, "bn_0"), 0.0)
+    y = _conv_nhwc(activated, params["conv_0"]["kernel"], 2)
+    y = _conv_nhwc(np.maximum(bn(y, "bn_1"), 0.0), params["conv_1"]["kernel"], 1)
+    expected = y + _conv_nhwc(activated, params["shortcut_conv"]["kernel"], 2)
+    apply = jax.jit(lambda v, x: block.apply(v, x, train=False))
+    np.testing.assert_allclose(
+        apply(variables, jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-4
+    )
+    # Same width and stride: the identity shortcut, no shortcut parameters.
+    same = jax.eval_shape(
+        lambda: PreActBlock(4).init(jax.random.key(0), jnp.zeros((1, 6, 6, 4)), train=False)
+    )
+    assert "shortcut_conv" not in same["params"]
+
+
+def test_bad_wrn_depth_or_width_raises():
+    with pytest.raises(ValueError, match="6n"):
+        WideResNet(depth=20, widen_factor=2, num_classes=10)
+    with pytest.raises(ValueError, match="widen_factor"):
+        WideResNet(depth=16, widen_factor=0, num_classes=10)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,163 @@
+"""The distillation objectives of a config: logit term, feature terms, dynamic rules.
+
+``config.distill`` holds the logit term (``loss``, ``alpha``, ``temperature``,
+``loss_kwargs``: :func:`jaxkd.distillation_objective`), an optional feature term
+``distill.feature`` and, for the ``distilled_dynamic`` run, ``distill.dynamic``.
+
+A feature term compares intermediate values of the two unmodified models, at module
+paths or sown names (``distill.feature.student`` and ``.teacher``), with one of
+``hint``, ``attention``, ``sp``, ``rkd_distance``, ``rkd_angle``, ``pkt`` (through
+:func:`jaxkd.feature_objective`, with a trained ``linear`` projector or none) or
+``crd`` (:func:`jaxkd.crd_objective`, its memory banks sized to the training split).
+Several terms are written comma-separated, one entry per term in ``loss``,
+``student`` and ``teacher`` (e.g. attention transfer at three stages, or RKD's
+distance and angle losses), with relative weights ``loss_kwargs.term_weights``
+multiplying ``weight``; the terms are added to the logit term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+import jaxkd
+from jaxkd.train._dynamic import DYNAMIC_OBJECTIVES
+from jaxkd.train._feature_objective import FEATURE_LOSSES, PROJECTORS
+
+FEATURE_TERMS = (*FEATURE_LOSSES, "crd")
+
+
+def feature_terms(feature: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """``config.distill.feature`` as one dict per term, in order.
+
+    Each dict has ``loss``, ``weight`` (``weight`` times the term's entry of
+    ``loss_kwargs.term_weights``), ``student`` and ``teacher`` (feature paths),
+    ``projector`` and ``loss_kwargs`` (without ``term_weights``).
+
+    Raises:
+      ValueError: lists of different lengths, or ``term_weights`` of another length.
+    """
+    if not feature.loss:
+        return []
+    fields = {name: str(feature[name]).split(",") for name in ("loss", "student", "teacher")}
+    count = len(fields["loss"])
+    for name, values in fields.items():
+        if len(values) != count:
+            raise ValueError(
+                f"distill.feature.{name} has {len(values)} entries for {count} losses "
+                f"({feature.loss!r}): one per term."
+            )
+    options = dict(feature.loss_kwargs)
+    term_weights = tuple(options.pop("term_weights", (1.0,) * count))
+    if len(term_weights) != count:
+        raise ValueError(
+            f"distill.feature.loss_kwargs.term_weights has {len(term_weights)} entries for "
+            f"{count} terms."
+        )
+    return [
+        {
+            "loss": fields["loss"][i].strip(),
+            "weight": float(feature.weight) * float(term_weights[i]),
+            "student": fields["student"][i].strip(),
+            "teacher": fields["teacher"][i].strip(),
+            "projector": feature.projector,
+            "loss_kwargs": dict(options),
+        }
+        for i in range(count)
+    ]
+
+
+def feature_paths(config: ml_collections.ConfigDict) -> tuple[dict[str, str], dict[str, str]]:
+    """``({name: path}, {name: path})`` of the student's and the teacher's features
+    that the feature terms read: term ``i`` reads ``student_i`` and ``teacher_i``."""
+    terms = feature_terms(config.distill.feature)
+    return (
+        {f"student_{i}": term["student"] for i, term in enumerate(terms)},
+        {f"teacher_{i}": term["teacher"] for i, term in enumerate(terms)},
+    )
+
+
+def check(config: ml_collections.ConfigDict, kinds: tuple[str, ...], fail: Callable) -> None:
+    """Refuses, through ``fail(message)``, a feature term or dynamic method the runner
+    cannot build."""
+    feature = config.distill.feature
+    try:
+        terms = feature_terms(feature)
+    except ValueError as error:
+        fail(str(error))
+    for term in terms:
+        if term["loss"] not in FEATURE_TERMS:
+            fail(
+                f"distill.feature.loss={feature.loss!r}: {term['loss']!r} is not one of "
+                f"{sorted(FEATURE_TERMS)} (or '' for none)."
+            )
+        if not (term["student"] and term["teacher"]):
+            fail(
+                f"distill.feature.loss={feature.loss!r} needs the feature paths "
+                "distill.feature.student and distill.feature.teacher."
+            )
+    if terms and feature.projector not in PROJECTORS:
+        fail(f"distill.feature.projector={feature.projector!r}; expected one of {PROJECTORS}.")
+    if terms and "distilled_cached" in kinds:
+        fail("distill.feature.loss needs the teacher's features: not with distilled_cached.")
+    if sum(term["loss"] == "crd" for term in terms) > 1:
+        fail(f"distill.feature.loss={feature.loss!r}: at most one crd term.")
+    method = config.distill.dynamic.method
+    if ("distilled_dynamic" in kinds) != bool(method):
+        fail(
+            f"distill.dynamic.method={method!r} and student_runs={kinds}: the "
+            f"distilled_dynamic run needs a method among {sorted(DYNAMIC_OBJECTIVES)}, and a "
+            "method needs that run."
+        )
+    if method and method not in DYNAMIC_OBJECTIVES:
+        fail(f"distill.dynamic.method={method!r}; expected one of {sorted(DYNAMIC_OBJECTIVES)}.")
+
+
+def logit_objective(config: ml_collections.ConfigDict):
+    """The logit term of ``config.distill`` (loss, alpha, temperature, loss_kwargs)."""
+    return jaxkd.distillation_objective(
+        config.distill.loss,
+        alpha=config.distill.alpha,
+        temperature=config.distill.temperature,
+        loss_kwargs=config.distill.loss_kwargs.to_dict(),
+    )
+
+
+def distillation_objective(config: ml_collections.ConfigDict, num_train: int | None = None):
+    """The ``distilled`` objective: the logit term plus each feature term in order
+    (CRD needs ``num_train``, the size of its memory banks)."""
+    objective = logit_objective(config)
+    for i, term in enumerate(feature_terms(config.distill.feature)):
+        names = dict(student_feature=f"student_{i}", teacher_feature=f"teacher_{i}")
+        if term["loss"] == "crd":
+            objective = jaxkd.crd_objective(
+                num_data=num_train,
+                weight=term["weight"],
+                base=objective,
+                **names,
+                **term["loss_kwargs"],
+            )
+        else:
+            objective = jaxkd.feature_objective(
+                term["loss"],
+                weight=term["weight"],
+                projector=term["projector"],
+                loss_kwargs=term["loss_kwargs"],
+                base=objective,
+                **names,
+            )
+    return objective
+
+
+def dynamic_objective(config: ml_collections.ConfigDict):
+    """The ``distilled_dynamic`` objective: ``distill.dynamic.method`` with its
+    ``kwargs``, starting from ``distill``'s alpha and temperature where it has them."""
+    method = config.distill.dynamic.method
+    defaults = {
+        "ctkd": dict(alpha=config.distill.alpha, initial_temperature=config.distill.temperature),
+        "confidence_temperature": dict(alpha=config.distill.alpha),
+        "gap_alpha": dict(temperature=config.distill.temperature),
+    }[method]
+    return DYNAMIC_OBJECTIVES[method](**{**defaults, **config.distill.dynamic.kwargs.to_dict()})
