@@ -69,6 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.augment.crop_padding = 0
     config.augment.flip = False
     config.augment.mixup_alpha = 0.0
+    config.augment.padding_mode = "zero"  # zero | reflect
     config.augment.consistent = True
 
     # Cached teacher (experiments/cache_teacher.py): the teacher's outputs on every
