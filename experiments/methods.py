@@ -12,11 +12,18 @@ paths or sown names (``distill.feature.student`` and ``.teacher``), with one of
 Several terms are written comma-separated, one entry per term in ``loss``,
 ``student`` and ``teacher`` (e.g. attention transfer at three stages, or RKD's
 distance and angle losses), with relative weights ``loss_kwargs.term_weights``
-multiplying ``weight``; the terms are added to the logit term.
+multiplying ``weight``; the terms are added to the logit term. Each other entry of
+``loss_kwargs`` goes to every term whose loss takes it (CRD's ``num_negatives`` to
+the CRD term, attention's ``p`` to the attention terms); one that no term takes is
+refused. A CRD term, whose memory banks are state, wraps all the others.
+
+``loss_kwargs`` has no fields of its own, so its entries are set in a config file
+(see ``experiments/configs/cifar100_pairs.py``), not from the command line.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +34,18 @@ from jaxkd.train._dynamic import DYNAMIC_OBJECTIVES
 from jaxkd.train._feature_objective import FEATURE_LOSSES, PROJECTORS
 
 FEATURE_TERMS = (*FEATURE_LOSSES, "crd")
+
+
+def _options_taken(loss: str) -> set[str]:
+    """The option names a feature term of ``loss`` accepts."""
+    fn = jaxkd.crd_objective if loss == "crd" else FEATURE_LOSSES[loss]
+    return {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+        and name not in ("where", "axis_name", "base", "weight", "num_data")
+        and not name.endswith("_feature")
+    }
 
 
 def feature_terms(feature: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -56,17 +75,35 @@ def feature_terms(feature: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             f"distill.feature.loss_kwargs.term_weights has {len(term_weights)} entries for "
             f"{count} terms."
         )
+    losses = [loss.strip() for loss in fields["loss"]]
+    unknown = [loss for loss in losses if loss not in FEATURE_TERMS]
+    if unknown:
+        raise ValueError(
+            f"distill.feature.loss={feature.loss!r}: {unknown} not among {sorted(FEATURE_TERMS)} "
+            "(or '' for none)."
+        )
+    taken = [_options_taken(loss) for loss in losses]
+    unused = sorted(set(options) - set().union(*taken))
+    if unused:
+        raise ValueError(
+            f"distill.feature.loss_kwargs {unused} are options of none of the terms {losses}."
+        )
     return [
         {
-            "loss": fields["loss"][i].strip(),
+            "loss": losses[i],
             "weight": float(feature.weight) * float(term_weights[i]),
             "student": fields["student"][i].strip(),
             "teacher": fields["teacher"][i].strip(),
             "projector": feature.projector,
-            "loss_kwargs": dict(options),
+            "loss_kwargs": {name: value for name, value in options.items() if name in taken[i]},
         }
         for i in range(count)
     ]
+
+
+def uses_crd(config: ml_collections.ConfigDict) -> bool:
+    """Whether the distilled student has a CRD term (its batches then carry indices)."""
+    return any(term["loss"] == "crd" for term in feature_terms(config.distill.feature))
 
 
 def feature_paths(config: ml_collections.ConfigDict) -> tuple[dict[str, str], dict[str, str]]:
@@ -88,10 +125,10 @@ def check(config: ml_collections.ConfigDict, kinds: tuple[str, ...], fail: Calla
     except ValueError as error:
         fail(str(error))
     for term in terms:
-        if term["loss"] not in FEATURE_TERMS:
+        if not term["weight"] > 0:
             fail(
-                f"distill.feature.loss={feature.loss!r}: {term['loss']!r} is not one of "
-                f"{sorted(FEATURE_TERMS)} (or '' for none)."
+                f"distill.feature.weight={feature.weight} gives the {term['loss']!r} term weight "
+                f"{term['weight']}: a feature term needs a positive weight."
             )
         if not (term["student"] and term["teacher"]):
             fail(
@@ -129,7 +166,9 @@ def distillation_objective(config: ml_collections.ConfigDict, num_train: int | N
     """The ``distilled`` objective: the logit term plus each feature term in order
     (CRD needs ``num_train``, the size of its memory banks)."""
     objective = logit_objective(config)
-    for i, term in enumerate(feature_terms(config.distill.feature)):
+    terms = list(enumerate(feature_terms(config.distill.feature)))
+    # CRD's banks are state: its objective wraps the others.
+    for i, term in sorted(terms, key=lambda pair: pair[1]["loss"] == "crd"):
         names = dict(student_feature=f"student_{i}", teacher_feature=f"teacher_{i}")
         if term["loss"] == "crd":
             objective = jaxkd.crd_objective(

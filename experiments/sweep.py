@@ -62,7 +62,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import jaxkd
-from experiments import checks, jsonfiles, report, train
+from experiments import checks, jsonfiles, methods, report, train
 from experiments.errors import ExperimentError, run_command
 
 MODES = ("grid", "random", "bayes")
@@ -363,6 +363,7 @@ def run_sweep(
     os.makedirs(workdir, exist_ok=True)
 
     experiment = train.Experiment(config, shared_workdir)
+    experiment.check_features()  # before the teacher trains
     seeds = [int(seed) for seed in config.seeds]
 
     def distilled_runs(index, temperature, alpha):
@@ -411,11 +412,8 @@ def run_sweep(
         if is_chief:
             jsonfiles.write(os.path.join(trialdir, "trial.json"), record)
         # Finished runs are read back, not trained again.
-        objective = jaxkd.distillation_objective(
-            config.distill.loss,
-            alpha=alpha,
-            temperature=temperature,
-            loss_kwargs=config.distill.loss_kwargs.to_dict(),
+        objective = methods.distillation_objective(
+            _trial_config(config, temperature, alpha), experiment.data_sizes["train"]
         )
         distilled = dict(model=student_model, objective=objective, **student_run)
         runs = [

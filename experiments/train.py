@@ -252,8 +252,7 @@ class Experiment:
                 global_batch_size=self.config.batch_size,
                 seed=seed,
                 augmentation=augmentation,
-                with_index=self.uses_features(kind)
-                and "crd" in self.config.distill.feature.loss.split(","),
+                with_index=self.uses_features(kind) and methods.uses_crd(self.config),
             )
         teacher = teacher_cache.read(np.arange(len(teacher_cache)))
         return CachedTeacherLoader(
@@ -265,13 +264,39 @@ class Experiment:
         loader feeds them (what the teacher cache is computed from)."""
         return loaders.gather(self.train_arrays, indices)["image"]
 
-    def teacher(self, seed: int) -> tuple[dict[str, Any], tuple[Callable, Any]]:
-        """``(result, (teacher_apply, teacher_variables))`` of seed ``seed``'s teacher:
-        trained, resumed or loaded (:meth:`run`)."""
+    def teacher_model(self):
+        """``(model, teacher_apply)`` of the teacher, built once."""
         if self._teacher is None:
             model = self.model("teacher")
             self._teacher = (model, jaxkd.linen_teacher_apply(model))
-        model, teacher_apply = self._teacher
+        return self._teacher
+
+    def check_features(self) -> None:
+        """Refuses, before anything trains, feature paths the models do not record:
+        each model is traced once (no compilation) on two training inputs."""
+        student_paths, teacher_paths = methods.feature_paths(self.config)
+        inputs = self.train_arrays["image"][:2]
+        for role, paths in (("student", student_paths), ("teacher", teacher_paths)):
+            if not paths:
+                continue
+            model = self.model(role)
+
+            def capture(model=model, paths=paths):
+                params, model_state = models.init_model(model, jax.random.key(0), inputs)
+                apply = jaxkd.linen_teacher_apply(model, features=paths)
+                return apply({"params": params, **model_state}, inputs)
+
+            try:
+                jax.eval_shape(capture)
+            except KeyError as error:
+                raise ExperimentError(
+                    f"Bad config: distill.feature.{role}: {error.args[0]}"
+                ) from None
+
+    def teacher(self, seed: int) -> tuple[dict[str, Any], tuple[Callable, Any]]:
+        """``(result, (teacher_apply, teacher_variables))`` of seed ``seed``'s teacher:
+        trained, resumed or loaded (:meth:`run`)."""
+        model, teacher_apply = self.teacher_model()
         result, state = self.run(
             "teacher",
             seed,
@@ -319,7 +344,7 @@ class Experiment:
         if not self.uses_features(kind):
             return jaxkd.linen_apply(model), teacher_apply
         student, teacher = methods.feature_paths(self.config)
-        teacher_model, _ = self._teacher
+        teacher_model, _ = self.teacher_model()
         return (
             jaxkd.linen_apply(model, features=student),
             jaxkd.linen_teacher_apply(teacher_model, features=teacher),
@@ -614,7 +639,11 @@ def train_and_evaluate(
         "distilled_cached": lambda: cached_objective(config),
         "distilled_dynamic": lambda: methods.dynamic_objective(config),
     }
-    objectives = {kind: builders[kind]() for kind in kinds}
+    try:
+        objectives = {kind: builders[kind]() for kind in kinds}
+    except (ValueError, TypeError) as error:
+        raise ExperimentError(f"Bad config: {error}") from None
+    experiment.check_features()
     student_model = experiment.model("student")
     results = []
     for seed in seeds:

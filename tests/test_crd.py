@@ -439,3 +439,19 @@ def test_eight_devices_equal_one_device_for_two_steps():
         single_state.distill_params["student_embed"]["kernel"],
         distill_params["student_embed"]["kernel"],
     )
+
+
+def test_a_missing_state_and_an_out_of_range_index_under_jit_are_not_silent():
+    objective = _objective()
+    student, teacher = _outputs(0)
+    batch = {"index": np.array([0, 1, 2, 3, 4, NUM_DATA + 3], np.int32)}
+    params, state = objective.init(jax.random.key(0), student, teacher, batch)
+    with pytest.raises(
+        ValueError, match=r"`distill_state` lacks \['student_bank', 'teacher_bank'\]"
+    ):
+        objective(student, teacher, batch, 0, distill_params=params, distill_state={}, rng=None)
+    loss, _, _ = _call(objective)(params, state, student, teacher, batch, jax.random.key(1))
+    assert np.isnan(loss)  # a real example's index past num_data: unchecked under jit
+    batch["mask"] = np.array([True] * 5 + [False])  # masked: any index is fine
+    loss, _, _ = _call(objective)(params, state, student, teacher, batch, jax.random.key(1))
+    assert np.isfinite(loss)

@@ -128,7 +128,7 @@ def test_linen_features_by_module_path_and_sown_name_equal_the_computation():
     np.testing.assert_allclose(out["features"]["pre"], stage2, rtol=1e-6)
     np.testing.assert_allclose(out["logits"], model.apply(variables, x, train=False), rtol=1e-6)
     assert model_state == {}  # the recorded intermediates are not model state
-    with pytest.raises(KeyError, match="no module output or sown value at path 'stage3'"):
+    with pytest.raises(KeyError, match=r"path 'stage3'; the model's paths: \['head', 'pre', "):
         jaxkd.linen_apply(model, features=["stage3"])(p, {}, x, train=False)
 
 
@@ -152,6 +152,7 @@ def test_nnx_features_by_module_path_equal_the_computation():
         (dict(projector="conv3x3"), ValueError, "Unknown `projector`"),
         (dict(student_feature=""), ValueError, "`student_feature` must name a feature"),
         (dict(weight=-1.0), ValueError, "`weight` must be a non-negative"),
+        (dict(loss_kwargs={"p": 2}), ValueError, r"`loss_kwargs` \['p'\] are not options"),
     ],
 )
 def test_feature_objective_rejects_bad_settings(kwargs, error, match):
@@ -208,3 +209,15 @@ def test_relational_feature_term_under_shard_step_equals_one_device():
         jax.device_get(sharded.params),
         single.params,
     )
+
+
+def test_a_state_without_the_objectives_parts_is_a_clear_error():
+    state, step, teacher_vars, batch, _ = _hint_setup(optax.sgd(0.1))
+    bare = jaxkd.TrainState.create(params=state.params, optimizer=optax.sgd(0.1))
+    with pytest.raises(ValueError, match="projector is not in `distill_params`.*init_distillation"):
+        step(bare, teacher_vars, batch)
+    with pytest.raises(ValueError, match="distillation_optimizer needs a state with"):
+        jaxkd.TrainState.create(
+            params=state.params,
+            optimizer=jaxkd.distillation_optimizer(optax.sgd(0.1), optax.sgd(1.0)),
+        )

@@ -47,11 +47,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # A feature or relational term added to the logit term (jaxkd.feature_objective):
     # loss "" (none) | hint | attention | sp | rkd_distance | rkd_angle | pkt | crd, on the
     # intermediate values at paths `student` and `teacher` (module paths or sown names),
-    # through a trainable projector of the student's features (none | linear | conv1x1),
+    # through a trainable projector of the student's features (none | linear),
     # which lives in the train state and is not part of the exported student.
     config.distill.feature = ml_collections.ConfigDict()
     config.distill.feature.loss = ""
-    config.distill.feature.weight = 0.0
+    config.distill.feature.weight = 1.0
     config.distill.feature.student = ""
     config.distill.feature.teacher = ""
     config.distill.feature.projector = "none"

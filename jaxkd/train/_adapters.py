@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxkd.train._features import (
     Features,
+    available_paths,
     feature_paths,
     linen_capture_filter,
     select_features,
@@ -83,7 +84,17 @@ def _linen_call(module: nn.Module, paths: dict[str, str]):
         )
         changes = dict(changes)
         recorded = changes.pop("intermediates", {})
-        return with_features(outputs, select_features(recorded, paths)), changes
+        try:
+            selected = select_features(recorded, paths)
+        except KeyError as error:  # name every module output and sown value there is
+            _, everything = module.apply(
+                variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
+            )
+            raise KeyError(
+                f"{error.args[0].split('; recorded paths')[0]}; the model's paths: "
+                f"{sorted(available_paths(everything['intermediates']))}."
+            ) from None
+        return with_features(outputs, selected), changes
 
     return call
 

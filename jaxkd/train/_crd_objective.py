@@ -140,6 +140,13 @@ def _batch_entries(batch: Mapping, index_key: str, mask_key: str, batch_size: in
 
 def _check_state(distill_state: Mapping, num_data: int, feature_dim: int) -> None:
     expected = (num_data, feature_dim)
+    missing = [f"{side}_bank" for side in _SIDES if f"{side}_bank" not in distill_state]
+    if missing:
+        raise ValueError(
+            f"`distill_state` lacks {missing}: create the state with the parts of "
+            "jaxkd.init_distillation(objective, ...) (TrainState.create(..., distill_params=..., "
+            "distill_state=...))."
+        )
     for side in _SIDES:
         shape = jnp.shape(distill_state[f"{side}_bank"])
         if shape != expected:
@@ -210,7 +217,11 @@ def crd_objective(
         axis_name) -> (loss, metrics)`` (e.g. :func:`jaxkd.hinton_objective`)
         whose loss is added; its metrics are reported, its ``loss`` as
         ``base_loss``.
-      index_key: batch key of the int ``[B]`` dataset indices.
+      index_key: batch key of the int ``[B]`` dataset indices, in ``[0, num_data)``
+        for real examples. Concrete indices out of range are refused; under ``jit``
+        they cannot be checked, and an out-of-range index of a real example makes the
+        loss (and so the update) NaN rather than silently wrong. Masked examples may
+        hold any index.
       mask_key: batch key of an optional bool ``[B]`` mask of real examples:
         padding takes no part in the loss, the normalizers or the bank updates.
 
@@ -318,6 +329,10 @@ def crd_objective(
                 (student_scores, teacher_scores), normalizers, strict=True
             )
         )
+        # A real example's index out of range (unchecked under jit) poisons the loss.
+        out_of_range = (indices < 0) | (indices >= num_data)
+        out_of_range = out_of_range if mask is None else out_of_range & mask
+        per_example = jnp.where(out_of_range, jnp.nan, per_example)
         crd = masked_means({"crd": (per_example, mask)}, axis_name=axis_name)["crd"]
         total = weight * crd
         metrics = {"crd_loss": crd}

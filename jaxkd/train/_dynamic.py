@@ -127,8 +127,8 @@ def ctkd_objective(
             f"`initial_temperature`={initial_temperature} must lie strictly between "
             f"`min_temperature`={min_temperature} and `max_temperature`={max_temperature}."
         )
-    if int(curriculum_steps) < 1:
-        raise ValueError(f"`curriculum_steps` must be >= 1, got {curriculum_steps}.")
+    if not isinstance(curriculum_steps, int) or curriculum_steps < 1:
+        raise ValueError(f"`curriculum_steps` must be an int >= 1, got {curriculum_steps!r}.")
     _checks.check_non_negative("max_strength", max_strength)
     span = max_temperature - min_temperature
     fraction = (initial_temperature - min_temperature) / span
@@ -196,7 +196,7 @@ def confidence_temperature_objective(
     """
     _checks.check_unit_interval("alpha", alpha)
     _checks.check_positive_scalar("min_temperature", min_temperature)
-    if not max_temperature >= min_temperature:
+    if not (math.isfinite(max_temperature) and max_temperature >= min_temperature):
         raise ValueError(
             f"`max_temperature`={max_temperature} must be >= `min_temperature`={min_temperature}."
         )

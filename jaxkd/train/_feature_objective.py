@@ -12,6 +12,7 @@ exported student.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -150,10 +151,27 @@ def feature_objective(
     fn = FEATURE_LOSSES[loss]
     batch_level = loss in ("sp", "rkd_distance", "rkd_angle", "pkt")
     options = dict(loss_kwargs or {})
+    known = [
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("where", "axis_name")
+    ]
+    if set(options) - set(known):
+        raise ValueError(
+            f"`loss_kwargs` {sorted(set(options) - set(known))} are not options of the "
+            f"{loss!r} loss; its options: {known}."
+        )
 
     def project(params, features):
         if projector == "none":
             return features
+        if "projector" not in params:
+            raise ValueError(
+                "This objective's projector is not in `distill_params` (it has "
+                f"{sorted(params)}): create the state with the parts of "
+                "jaxkd.init_distillation(objective, ...) (TrainState.create(..., "
+                "distill_params=...))."
+            )
         kernel, bias = params["projector"]["kernel"], params["projector"]["bias"]
         projected = jnp.einsum("...i,ij->...j", features, kernel, precision="highest")
         return projected + jnp.broadcast_to(bias, projected.shape)

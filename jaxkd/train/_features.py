@@ -47,7 +47,7 @@ def _children(node) -> dict[str, Any]:
     return {str(key): value for key, value in node.items()}
 
 
-def _available(node, prefix: str = "") -> list[str]:
+def available_paths(node, prefix: str = "") -> list[str]:
     """Every path that :func:`select_features` would accept in ``node``."""
     paths = []
     for key, child in _children(node).items():
@@ -57,7 +57,7 @@ def _available(node, prefix: str = "") -> list[str]:
         if isinstance(child, Mapping):
             if "__call__" in child:
                 paths.append(path)
-            paths += _available(child, f"{path}/")
+            paths += available_paths(child, f"{path}/")
         else:
             paths.append(path)
     return paths
@@ -92,7 +92,7 @@ def select_features(intermediates: Mapping, paths: Mapping[str, str]) -> dict[st
             if part not in children:
                 raise KeyError(
                     f"Feature {name!r}: no module output or sown value at path {path!r}; "
-                    f"recorded paths: {sorted(_available(intermediates))}."
+                    f"recorded paths: {sorted(available_paths(intermediates))}."
                 )
             node = children[part]
         selected[name] = _recorded_value(path, node)

@@ -119,10 +119,14 @@ def distillation_optimizer(
 
     Use it with :meth:`TrainState.create` given ``distill_params``.
     """
-    return optax.multi_transform(
-        {"student": student, "distill": distill},
-        lambda tree: {
-            "student": jax.tree.map(lambda _: "student", tree["student"]),
-            "distill": jax.tree.map(lambda _: "distill", tree["distill"]),
-        },
-    )
+
+    def labels(tree):
+        if not isinstance(tree, dict) or set(tree) != {"student", "distill"}:
+            raise ValueError(
+                "distillation_optimizer needs a state with `distill_params` (its parameters "
+                "are then {'student': ..., 'distill': ...}); without them use the student's "
+                "optimizer alone."
+            )
+        return {name: jax.tree.map(lambda _, name=name: name, tree[name]) for name in tree}
+
+    return optax.multi_transform({"student": student, "distill": distill}, labels)

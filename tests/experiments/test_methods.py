@@ -3,6 +3,8 @@ trained projector) beside the logit term, and a dynamic run beside the fixed one
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import pytest
 
@@ -88,6 +90,15 @@ def test_hints_and_a_dynamic_run_train_and_report(hinted):
             {**HINTS, "student_runs": ("distilled", "distilled_cached")},
             "not with distilled_cached",
         ),
+        ({**HINTS, "distill__feature__weight": 0.0}, "a feature term needs a positive weight"),
+        (
+            {**HINTS, "distill__feature__loss_kwargs": {"p": 2}},
+            r"loss_kwargs \['p'\] are options of none of the terms \['hint'\]",
+        ),
+        (
+            {**HINTS, "distill__feature__loss": "hint, crd"},
+            "distill.feature.student has 1 entries for 2 losses",
+        ),
     ],
 )
 def test_bad_method_configs_stop_before_training(tmp_path, hinted, fields, match):
@@ -123,3 +134,29 @@ def test_mnist1d_dynamic_configs_validate_and_build_their_objective(method):
     assert callable(objective)
     with pytest.raises(ValueError, match="Unknown method 'fixed'"):
         mnist1d_dynamic.get_config("fixed")
+
+
+def test_feature_options_go_to_the_terms_that_take_them_and_crd_wraps_the_rest():
+    config = _config(
+        None,
+        distill__feature__loss="crd, attention",
+        distill__feature__student="hidden_0,hidden_0",
+        distill__feature__teacher="hidden_1,hidden_1",
+        distill__feature__loss_kwargs={"num_negatives": 16, "p": 1, "term_weights": (1.0, 2.0)},
+    )
+    terms = methods.feature_terms(config.distill.feature)
+    assert [(t["loss"], t["weight"], t["loss_kwargs"]) for t in terms] == [
+        ("crd", 1.0, {"num_negatives": 16}),
+        ("attention", 2.0, {"p": 1}),
+    ]
+    assert methods.uses_crd(config)
+    objective = methods.distillation_objective(config, num_train=100)
+    # The outermost objective is CRD's: it owns the memory banks.
+    assert "distill_state" in inspect.signature(objective).parameters
+
+
+def test_a_feature_path_the_model_lacks_stops_before_training(tmp_path, hinted):
+    config = _config(hinted[0], **{**HINTS, "distill__feature__student": "hidden_7"})
+    with pytest.raises(ExperimentError, match=r"distill.feature.student:.*'hidden_7'.*'hidden_0'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "seed_0").exists()
