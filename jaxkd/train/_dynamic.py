@@ -28,7 +28,7 @@ from jaxkd.parallel._reductions import masked_means
 from jaxkd.train._objectives import Objective, example_mask, kd_metrics, logits_of
 
 
-def _hinton(student_out, teacher_out, batch, temperature, alpha, *, keys, axis_name):
+def _hinton(student_out, teacher_out, batch, temperature, alpha, keys, axis_name):
     """``(alpha * kd + (1 - alpha) * ce, kd, ce)``, means over the global batch;
     ``temperature`` a scalar or ``[B]``; ``keys`` the batch's ``(label_key, mask_key)``.
 
@@ -138,18 +138,14 @@ def ctkd_objective(
         del rng, student_out, teacher_out, batch
         return {"temperature": jnp.asarray(theta0, jnp.float32)}, {}
 
+    keys = (label_key, mask_key)
+
     def objective(student_out, teacher_out, batch, step, *, axis_name=None, distill_params):
         strength = cosine_ramp(step, steps=curriculum_steps, maximum=max_strength)
         theta = reverse_gradient(distill_params["temperature"], strength)
         temperature = min_temperature + span * jax.nn.sigmoid(theta)
         total, kd, ce = _hinton(
-            student_out,
-            teacher_out,
-            batch,
-            temperature,
-            alpha,
-            keys=(label_key, mask_key),
-            axis_name=axis_name,
+            student_out, teacher_out, batch, temperature, alpha, keys, axis_name
         )
         metrics = kd_metrics(total, kd, ce, jnp.float32(alpha), temperature)
         return total, {**metrics, "reversal_strength": strength}
@@ -201,6 +197,8 @@ def confidence_temperature_objective(
             f"`max_temperature`={max_temperature} must be >= `min_temperature`={min_temperature}."
         )
 
+    keys = (label_key, mask_key)
+
     def objective(student_out, teacher_out, batch, step, *, axis_name=None):
         del step
         teacher_logits = logits_of(teacher_out)
@@ -208,13 +206,7 @@ def confidence_temperature_objective(
             teacher_logits, min_temperature=min_temperature, max_temperature=max_temperature
         )
         total, kd, ce = _hinton(
-            student_out,
-            teacher_out,
-            batch,
-            temperatures,
-            alpha,
-            keys=(label_key, mask_key),
-            axis_name=axis_name,
+            student_out, teacher_out, batch, temperatures, alpha, keys, axis_name
         )
         kept = example_mask(batch.get(mask_key), teacher_logits)
         mean_temperature = masked_means({"t": (temperatures, kept)}, axis_name=axis_name)["t"]
@@ -250,6 +242,8 @@ def gap_alpha_objective(
     _checks.check_unit_interval("max_alpha", max_alpha)
     _checks.check_positive_scalar("scale", scale)
 
+    keys = (label_key, mask_key)
+
     def objective(student_out, teacher_out, batch, step, *, axis_name=None):
         del step
         student_logits = jax.lax.stop_gradient(logits_of(student_out))
@@ -260,13 +254,7 @@ def gap_alpha_objective(
         gap = masked_means({"gap": (gap, kept)}, axis_name=axis_name)["gap"]
         alpha = gap_alpha(gap, max_alpha=max_alpha, scale=scale)
         total, kd, ce = _hinton(
-            student_out,
-            teacher_out,
-            batch,
-            temperature,
-            alpha,
-            keys=(label_key, mask_key),
-            axis_name=axis_name,
+            student_out, teacher_out, batch, temperature, alpha, keys, axis_name
         )
         metrics = kd_metrics(total, kd, ce, alpha, jnp.float32(temperature), gap=gap)
         return total, metrics
