@@ -54,7 +54,7 @@ from jaxkd.losses._crd import (
 )
 from jaxkd.losses._feature_losses import _HIGHEST, _safe_normalize
 from jaxkd.parallel._reductions import gather_examples, masked_means, masked_sum_and_count
-from jaxkd.train._feature_objective import call_base, init_base
+from jaxkd.train._feature_objective import call_base, features_of, init_base
 from jaxkd.train._objectives import Objective, accepts_keyword
 
 PyTree = Any
@@ -64,22 +64,10 @@ _SIDES = ("student", "teacher")
 
 def _features(outputs, name: str, side: str, option: str) -> jax.Array:
     """``outputs["features"][name]`` flattened to ``[B, D]``, or a clear error."""
-    if outputs is None:
-        raise ValueError(
-            f"CRD needs the {side}'s features: pass a `teacher_apply` that returns them."
-        )
-    if not isinstance(outputs, Mapping) or "features" not in outputs:
-        kind = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-        raise ValueError(
-            f"CRD needs the {side}'s output as a mapping with a 'features' entry (see "
-            f"jaxkd.linen_apply(..., features=...)); got {kind}."
-        )
-    features = outputs["features"]
-    if name not in features:
-        raise KeyError(
-            f"`{option}`={name!r} is not among the {side}'s features {sorted(features)}."
-        )
-    array = features[name]
+    try:
+        array = features_of(outputs, name, role=side)
+    except KeyError as error:
+        raise KeyError(f"`{option}`={name!r}: {error.args[0]}") from None
     _checks.check_floating(f"{side}_out['features'][{name!r}]", array)
     if jnp.ndim(array) < 2:
         raise ValueError(
