@@ -495,11 +495,17 @@ def sweep_table(
 
     The best trial on the ``select_on`` split is marked ``(best on <split>)``.
     """
-    keys = ("validation_accuracy", "accuracy", "agreement")
+    keys = (
+        "validation_accuracy",
+        "accuracy",
+        "agreement",
+        "mutual_information",
+        "normalized_mutual_information",
+    )
     lines = [
         "| trial | temperature | alpha | validation accuracy | test accuracy "
-        "| agreement w/ teacher |",
-        "|---|---|---|---|---|---|",
+        "| agreement w/ teacher | MI(teacher; student) (nats) | normalized MI |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     best = best_trial(trials, select_on)
     for trial in trials:
