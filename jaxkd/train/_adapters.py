@@ -18,7 +18,6 @@ from flax import nnx
 
 from jaxkd.train._features import (
     Features,
-    available_paths,
     feature_paths,
     linen_capture_filter,
     select_features,
@@ -84,16 +83,14 @@ def _linen_call(module: nn.Module, paths: dict[str, str]):
         )
         changes = dict(changes)
         recorded = changes.pop("intermediates", {})
-        try:
-            selected = select_features(recorded, paths)
-        except KeyError as error:  # name every module output and sown value there is
-            _, everything = module.apply(
+
+        def everything():  # every module output and sown value, for an error
+            _, captured = module.apply(
                 variables, inputs, capture_intermediates=True, mutable=["intermediates"], **kwargs
             )
-            raise KeyError(
-                f"{error.args[0].split('; recorded paths')[0]}; the model's paths: "
-                f"{sorted(available_paths(everything['intermediates']))}."
-            ) from None
+            return captured["intermediates"]
+
+        selected = select_features(recorded, paths, everything=everything)
         return with_features(outputs, selected), changes
 
     return call

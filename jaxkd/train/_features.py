@@ -78,11 +78,20 @@ def _recorded_value(path: str, recorded) -> Any:
     return recorded[0]
 
 
-def select_features(intermediates: Mapping, paths: Mapping[str, str]) -> dict[str, Any]:
+def select_features(
+    intermediates: Mapping, paths: Mapping[str, str], *, everything=None
+) -> dict[str, Any]:
     """``{name: value}`` of ``paths`` in a nested mapping of recorded intermediates.
 
+    Args:
+      intermediates: the recorded values, nested by module path.
+      paths: ``{name: path}`` to select.
+      everything: for the error only, ``() -> mapping`` of every path the model can
+        record (when ``intermediates`` holds only those asked for); default
+        ``intermediates`` itself.
+
     Raises:
-      KeyError: a path that was not recorded, listing those that were.
+      KeyError: a path that was not recorded, listing the model's paths.
     """
     selected = {}
     for name, path in paths.items():
@@ -90,9 +99,10 @@ def select_features(intermediates: Mapping, paths: Mapping[str, str]) -> dict[st
         for part in path.strip("/").split("/"):
             children = _children(node)
             if part not in children:
+                listed = intermediates if everything is None else everything()
                 raise KeyError(
                     f"Feature {name!r}: no module output or sown value at path {path!r}; "
-                    f"recorded paths: {sorted(available_paths(intermediates))}."
+                    f"the model's paths: {sorted(available_paths(listed))}."
                 )
             node = children[part]
         selected[name] = _recorded_value(path, node)

@@ -92,11 +92,16 @@ class TrainState:
             return self.params
         return {"student": self.params, "distill": self.distill_params}
 
+    def split_trainable(self, trainable: PyTree) -> tuple[PyTree, PyTree]:
+        """``(params, distill_params)`` of a tree in :meth:`trainable`'s layout."""
+        if not jax.tree.leaves(self.distill_params):
+            return trainable, self.distill_params
+        return trainable["student"], trainable["distill"]
+
     def with_trainable(self, trainable: PyTree) -> TrainState:
         """The state with the parameters of :meth:`trainable`'s layout replaced."""
-        if not jax.tree.leaves(self.distill_params):
-            return self.replace(params=trainable)
-        return self.replace(params=trainable["student"], distill_params=trainable["distill"])
+        params, distill_params = self.split_trainable(trainable)
+        return self.replace(params=params, distill_params=distill_params)
 
 
 def export_student(state: TrainState) -> dict[str, PyTree]:

@@ -129,13 +129,6 @@ def _check_distill_params(state: TrainState, objective_takes_them: bool) -> None
         )
 
 
-def _split_trainable(state: TrainState, trainable: PyTree) -> tuple[PyTree, PyTree]:
-    """``(student params, distill params)`` from :meth:`TrainState.trainable`'s layout."""
-    if not jax.tree.leaves(state.distill_params):
-        return trainable, state.distill_params
-    return trainable["student"], trainable["distill"]
-
-
 def _returned_distill_state(state: TrainState, returned: list, objective_takes_it: bool):
     """The objective's new ``distill_state`` (its third output), checked."""
     if not objective_takes_it:
@@ -267,7 +260,7 @@ def make_train_step(
         _check_distill_params(state, takes["distill_params"])
 
         def loss_fn(trainable):
-            params, distill_params = _split_trainable(state, trainable)
+            params, distill_params = state.split_trainable(trainable)
             extra = {"distill_params": distill_params} if takes["distill_params"] else {}
             student_out, model_state = student_apply(
                 params, state.model_state, batch[input_key], train=True, rng=step_rng
