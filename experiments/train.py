@@ -317,9 +317,9 @@ class Experiment:
         experiment's); see :mod:`experiments.run_config`. ``distilled_cached``:
         ``distilled``'s and the cache's contents (and its loss, for top-k)."""
         config = config or self.config
-        fields = run_config.run_fields(
-            config, "distilled" if kind in STUDENT_RUNS[1:] else kind, seed, self.data_sizes
-        )
+        # Every distilled student depends on distilled's fields (and its own below).
+        base_kind = kind if kind in ("teacher", "scratch") else "distilled"
+        fields = run_config.run_fields(config, base_kind, seed, self.data_sizes)
         fields.update(jsonfiles.strict(augment.run_fields(config, kind)))
         if self.uses_features(kind, config):
             fields["distill.feature"] = config.distill.feature.to_dict()
